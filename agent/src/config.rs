@@ -1,0 +1,388 @@
+//! The agent's TOML configuration: which ports, which roles, where the pins live.
+//!
+//! Parsing collects every problem at once ([`ConfigErrors`]), each naming the
+//! field it is about, so an operator fixes a file in one pass.
+
+use std::{
+    collections::BTreeSet,
+    fmt,
+    path::{Path, PathBuf},
+};
+
+use airlock_ebpf_common::layout::{PortRole, DEFAULT_MAX_FLOWS};
+use serde::Deserialize;
+
+/// Default config path on an appliance.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/airlock/agent.toml";
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Identity and pin location.
+    pub appliance: ApplianceConfig,
+    /// The ports the boundary is enforced on.
+    #[serde(rename = "port")]
+    pub ports: Vec<PortConfig>,
+    /// Dataplane tuning.
+    #[serde(default)]
+    pub dataplane: DataplaneConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// `[appliance]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplianceConfig {
+    /// A name for logs.
+    pub name: String,
+    /// Directory on a bpffs where programs' maps and links are pinned.
+    #[serde(default = "default_pin_dir")]
+    pub pin_dir: PathBuf,
+}
+
+fn default_pin_dir() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/airlock")
+}
+
+/// `[[port]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortConfig {
+    /// Interface name in the agent's network namespace.
+    pub name: String,
+    /// Which side of the boundary it faces.
+    pub role: Role,
+    /// How to attach XDP.
+    #[serde(default)]
+    pub xdp_mode: XdpModeConfig,
+}
+
+/// Port role as written in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Faces the patient network.
+    Patient,
+    /// Faces the uplink.
+    Uplink,
+}
+
+impl From<Role> for PortRole {
+    fn from(r: Role) -> Self {
+        match r {
+            Role::Patient => PortRole::Patient,
+            Role::Uplink => PortRole::Uplink,
+        }
+    }
+}
+
+/// XDP attach mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpModeConfig {
+    /// Driver mode, falling back to generic when the driver lacks XDP.
+    #[default]
+    Auto,
+    /// Driver (native) mode only.
+    Native,
+    /// Generic (skb) mode.
+    Generic,
+}
+
+/// `[dataplane]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataplaneConfig {
+    /// Capacity of each flow map (IPv4 and IPv6).
+    pub max_flows: u32,
+    /// Drop events per CPU per second; the rest are only counted.
+    pub events_per_second: u32,
+    /// Turn on IP forwarding once every port enforces (and never before).
+    pub enable_forwarding: bool,
+    /// Replies must go to ports at or above this (client ephemeral ports).
+    pub reply_min_port: u16,
+    /// How often expired entries are removed from the maps (seconds). The
+    /// kernel already refuses them; this only frees the slots.
+    pub gc_interval_secs: u64,
+}
+
+impl Default for DataplaneConfig {
+    fn default() -> Self {
+        Self {
+            max_flows: DEFAULT_MAX_FLOWS,
+            events_per_second: 200,
+            enable_forwarding: true,
+            reply_min_port: 1024,
+            gc_interval_secs: 5,
+        }
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Output format.
+    pub format: LogFormat,
+    /// Seconds between counter summaries.
+    pub counters_interval_secs: u64,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { format: LogFormat::Text, counters_interval_secs: 10 }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// One configuration problem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    /// Where: a field path like `port[1].name`, or `line 3, column 7`.
+    pub at: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+/// Every problem found in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors {
+    /// The file, when read from one.
+    pub path: Option<PathBuf>,
+    /// The problems, in file order.
+    pub issues: Vec<ConfigIssue>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.issues.len();
+        match &self.path {
+            Some(p) => write!(f, "{}: {n} problem{}", p.display(), if n == 1 { "" } else { "s" })?,
+            None => write!(f, "{n} configuration problem{}", if n == 1 { "" } else { "s" })?,
+        }
+        for i in &self.issues {
+            write!(f, "\n  {}: {}", i.at, i.message)?;
+        }
+        Ok(())
+    }
+}
+
+/// Reading the file failed before parsing.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// I/O.
+    #[error("cannot read config {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Syntax or semantic problems.
+    #[error(transparent)]
+    Invalid(#[from] ConfigErrors),
+}
+
+fn line_col(text: &str, offset: usize) -> String {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, str::len) + 1;
+    format!("line {line}, column {col}")
+}
+
+impl AgentConfig {
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Self, LoadError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| LoadError::Read { path: path.to_owned(), source })?;
+        Self::parse(&text).map_err(|mut e| {
+            e.path = Some(path.to_owned());
+            LoadError::Invalid(e)
+        })
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Self, ConfigErrors> {
+        let cfg: AgentConfig = toml::from_str(text).map_err(|e| ConfigErrors {
+            path: None,
+            issues: vec![ConfigIssue {
+                at: e.span().map_or_else(|| "file".to_owned(), |s| line_col(text, s.start)),
+                message: e.message().to_owned(),
+            }],
+        })?;
+        let issues = cfg.issues();
+        if issues.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigErrors { path: None, issues })
+        }
+    }
+
+    /// Semantic checks; empty when the configuration is usable.
+    pub fn issues(&self) -> Vec<ConfigIssue> {
+        let mut out = Vec::new();
+        let mut issue =
+            |at: String, message: &str| out.push(ConfigIssue { at, message: message.to_owned() });
+        if self.appliance.name.trim().is_empty() {
+            issue("appliance.name".into(), "must not be empty");
+        }
+        if !self.appliance.pin_dir.is_absolute() {
+            issue(
+                "appliance.pin_dir".into(),
+                "must be an absolute path on a bpffs (e.g. /sys/fs/bpf/airlock)",
+            );
+        }
+        let mut names = BTreeSet::new();
+        for (i, p) in self.ports.iter().enumerate() {
+            let n = &p.name;
+            if n.is_empty()
+                || n.len() > 15
+                || n.contains(['/', ':'])
+                || n.chars().any(char::is_whitespace)
+                || n == "."
+                || n == ".."
+            {
+                issue(
+                    format!("port[{i}].name"),
+                    "must be an interface name: 1-15 characters, no '/', ':' or spaces",
+                );
+            } else if !names.insert(n.as_str()) {
+                issue(format!("port[{i}].name"), "names the same interface as an earlier port");
+            }
+        }
+        for (role, what) in [(Role::Patient, "patient"), (Role::Uplink, "uplink")] {
+            if !self.ports.iter().any(|p| p.role == role) {
+                issue(
+                    "port".into(),
+                    match what {
+                        "patient" => {
+                            "no port with role = \"patient\": the boundary needs its patient side"
+                        }
+                        _ => "no port with role = \"uplink\": the boundary needs its uplink side",
+                    },
+                );
+            }
+        }
+        let d = &self.dataplane;
+        if !(1..=4_194_304).contains(&d.max_flows) {
+            issue("dataplane.max_flows".into(), "must be between 1 and 4194304");
+        }
+        if d.events_per_second > 100_000 {
+            issue(
+                "dataplane.events_per_second".into(),
+                "must be at most 100000 (events cost CPU under floods)",
+            );
+        }
+        if d.reply_min_port < 1024 {
+            issue(
+                "dataplane.reply_min_port".into(),
+                "must be at least 1024: replies may never reach privileged ports",
+            );
+        }
+        if d.gc_interval_secs == 0 {
+            issue("dataplane.gc_interval_secs".into(), "must be at least 1");
+        }
+        if self.log.counters_interval_secs == 0 {
+            issue("log.counters_interval_secs".into(), "must be at least 1");
+        }
+        out
+    }
+
+    /// The directory holding this layout version's pins.
+    pub fn pins(&self) -> crate::dataplane::PinLayout {
+        crate::dataplane::PinLayout::new(&self.appliance.pin_dir)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[appliance]
+name = "lab"
+pin_dir = "/sys/fs/bpf/airlock-x"
+
+[[port]]
+name = "patient0"
+role = "patient"
+xdp_mode = "native"
+
+[[port]]
+name = "uplink0"
+role = "uplink"
+"#;
+
+    #[test]
+    fn parses_a_good_file_with_defaults() {
+        let c = AgentConfig::parse(GOOD).unwrap();
+        assert_eq!(c.ports.len(), 2);
+        assert_eq!(c.ports[0].xdp_mode, XdpModeConfig::Native);
+        assert_eq!(c.ports[1].xdp_mode, XdpModeConfig::Auto);
+        assert_eq!(c.dataplane, DataplaneConfig::default());
+        assert_eq!(c.log.format, LogFormat::Text);
+    }
+
+    #[test]
+    fn reports_every_problem_with_its_place() {
+        let bad = r#"
+[appliance]
+name = ""
+pin_dir = "relative"
+[[port]]
+name = "this-name-is-far-too-long"
+role = "patient"
+[[port]]
+name = "eth0"
+role = "patient"
+[[port]]
+name = "eth0"
+role = "patient"
+[dataplane]
+reply_min_port = 80
+max_flows = 0
+"#;
+        let e = AgentConfig::parse(bad).unwrap_err();
+        let at: Vec<_> = e.issues.iter().map(|i| i.at.as_str()).collect();
+        assert_eq!(
+            at,
+            [
+                "appliance.name",
+                "appliance.pin_dir",
+                "port[0].name",
+                "port[2].name",
+                "port",
+                "dataplane.max_flows",
+                "dataplane.reply_min_port"
+            ]
+        );
+        assert!(e.to_string().contains("7 problems"), "{e}");
+    }
+
+    #[test]
+    fn syntax_errors_name_line_and_column() {
+        let e = AgentConfig::parse(
+            "[appliance]\nname = \"x\"\n[[port]]\nname = \"a\"\nrole = \"sideways\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.issues.len(), 1);
+        assert!(e.issues[0].at.starts_with("line 5"), "{:?}", e.issues);
+        assert!(e.issues[0].message.contains("unknown variant"), "{:?}", e.issues);
+        let e = AgentConfig::parse("[appliance]\nname = \"x\"\nbogus = 1\n").unwrap_err();
+        assert!(e.issues[0].message.contains("unknown field"), "{:?}", e.issues);
+    }
+}

@@ -1,0 +1,455 @@
+//! `airlock-agent` command line. See docs/agent-cli.md.
+
+use std::{net::IpAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use airlock_agent::{
+    clock,
+    config::{AgentConfig, LoadError, LogFormat, DEFAULT_CONFIG_PATH},
+    dataplane::{self, Dataplane, PinLayout},
+    events,
+    maps::Maps,
+};
+use airlock_ebpf_common::layout::{Counter, Reason};
+use airlock_policy::{Expiry, Flow, FlowEntry, Ingress, Protocol};
+use anyhow::{Context as _, Result};
+use clap::{Args, Parser, Subcommand};
+use tracing::{info, warn};
+
+/// The Airlock appliance agent: enforces the patient-network boundary with XDP.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// Agent configuration file (TOML).
+    #[arg(long, short, env = "AIRLOCK_AGENT_CONFIG", default_value = DEFAULT_CONFIG_PATH, global = true)]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Load or re-attach the boundary on every port, then report counters and drop events
+    /// until SIGTERM/SIGINT. Exiting never detaches.
+    Run {
+        /// Log format (overrides the config file).
+        #[arg(long, value_enum)]
+        log_format: Option<LogFormat>,
+        /// Write "enforcing" to this file once every port enforces.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+    },
+    /// Add, remove or list flow entries (works with or without `run`).
+    #[command(subcommand)]
+    Flow(FlowCommand),
+    /// Print the dataplane counters per verdict reason.
+    Stats {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove the boundary from every port: forwarding off, links and maps unpinned.
+    /// Stop `run` first.
+    Detach,
+    /// Configuration tools.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate the configuration file and print every problem.
+    Check,
+}
+
+#[derive(Debug, Args)]
+struct FlowArgs {
+    /// Source address (the host that starts the flow).
+    #[arg(long)]
+    src: IpAddr,
+    /// Destination address.
+    #[arg(long)]
+    dst: IpAddr,
+    /// tcp, udp or icmp (echo).
+    #[arg(long)]
+    proto: Protocol,
+    /// Destination port (tcp and udp only).
+    #[arg(long)]
+    dport: Option<u16>,
+}
+
+#[derive(Debug, Subcommand)]
+enum FlowCommand {
+    /// Allow one exact flow (and its replies).
+    Add {
+        #[command(flatten)]
+        flow: FlowArgs,
+        /// Policy rule id recorded with the entry and its counters.
+        #[arg(long)]
+        rule_id: u32,
+        /// Policy version recorded with the entry.
+        #[arg(long, default_value_t = 0)]
+        policy_version: u32,
+        /// Lifetime, e.g. 30s, 15m, 2h; the kernel stops passing it afterwards.
+        #[arg(long, value_parser = clock::parse_duration, required_unless_present = "infrastructure", conflicts_with = "infrastructure")]
+        ttl: Option<Duration>,
+        /// An infrastructure rule without expiry (DNS, NTP to internal servers).
+        #[arg(long)]
+        infrastructure: bool,
+        /// The side the flow starts from.
+        #[arg(long, value_enum, default_value = "patient")]
+        ingress: IngressArg,
+        /// Do not allow replies.
+        #[arg(long)]
+        no_reply: bool,
+    },
+    /// Remove one flow entry.
+    Remove {
+        #[command(flatten)]
+        flow: FlowArgs,
+    },
+    /// List flow entries with their counters.
+    List {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum IngressArg {
+    Patient,
+    Uplink,
+}
+
+/// Bad input (exit 2) versus failures (exit 1).
+#[derive(Debug)]
+enum Failure {
+    Usage(anyhow::Error),
+    Other(anyhow::Error),
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure::Other(e.into())
+    }
+}
+
+fn usage(e: impl Into<anyhow::Error>) -> Failure {
+    Failure::Usage(e.into())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            let (code, e) = match f {
+                Failure::Usage(e) => (2, e),
+                Failure::Other(e) => (1, e),
+            };
+            eprintln!("airlock-agent: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn load_config(path: &std::path::Path) -> Result<AgentConfig, Failure> {
+    AgentConfig::load(path).map_err(|e| match e {
+        LoadError::Invalid(_) => usage(e),
+        LoadError::Read { .. } => usage(e),
+    })
+}
+
+fn dispatch(cli: Cli) -> Result<(), Failure> {
+    let cfg = load_config(&cli.config)?;
+    match cli.command {
+        Command::Config(ConfigCommand::Check) => {
+            println!("{}: ok ({} ports)", cli.config.display(), cfg.ports.len());
+            Ok(())
+        }
+        Command::Run { log_format, ready_file } => {
+            init_tracing(log_format.unwrap_or(cfg.log.format));
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(run(cfg, ready_file))?;
+            Ok(())
+        }
+        Command::Flow(cmd) => flow(&cfg.pins(), cmd),
+        Command::Stats { json } => stats(&cfg.pins(), json),
+        Command::Detach => {
+            let n = dataplane::detach(&cfg)?;
+            println!("detached: forwarding off, {n} pins removed");
+            Ok(())
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::{fmt, EnvFilter};
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn parse_flow(a: &FlowArgs) -> Result<Flow, Failure> {
+    Flow::new(a.src, a.dst, a.proto, a.dport).map_err(usage)
+}
+
+fn flow(layout: &PinLayout, cmd: FlowCommand) -> Result<(), Failure> {
+    let mut maps = Maps::open(&layout.maps())?;
+    match cmd {
+        FlowCommand::Add {
+            flow,
+            rule_id,
+            policy_version,
+            ttl,
+            infrastructure,
+            ingress,
+            no_reply,
+        } => {
+            let f = parse_flow(&flow)?;
+            let expiry = match ttl {
+                Some(d) => Expiry::At(clock::boottime_ns().saturating_add(d.as_nanos() as u64)),
+                None => Expiry::Infrastructure,
+            };
+            let ingress = match ingress {
+                IngressArg::Patient => Ingress::Patient,
+                IngressArg::Uplink => Ingress::Uplink,
+            };
+            let e = FlowEntry::new(
+                f,
+                rule_id,
+                policy_version,
+                ingress,
+                !no_reply,
+                expiry,
+                infrastructure,
+            )
+            .map_err(usage)?;
+            maps.upsert(&e)?;
+            match ttl {
+                Some(d) => println!("allowed {f} (rule {rule_id}) for {}s", d.as_secs()),
+                None => println!("allowed {f} (rule {rule_id}, infrastructure, no expiry)"),
+            }
+        }
+        FlowCommand::Remove { flow } => {
+            let f = parse_flow(&flow)?;
+            if maps.remove(&f)? {
+                println!("removed {f}");
+            } else {
+                return Err(usage(anyhow::anyhow!("no entry for {f}")));
+            }
+        }
+        FlowCommand::List { json } => list(&maps, json)?,
+    }
+    Ok(())
+}
+
+#[derive(serde::Serialize)]
+struct ListedJson {
+    flow: Option<String>,
+    src: Option<IpAddr>,
+    dst: Option<IpAddr>,
+    proto: Option<Protocol>,
+    dport: Option<u16>,
+    rule_id: Option<u32>,
+    policy_version: Option<u32>,
+    ingress: Option<Ingress>,
+    allow_reply: Option<bool>,
+    infrastructure: Option<bool>,
+    expires_in_secs: Option<f64>,
+    state: &'static str,
+    error: Option<String>,
+    #[serde(flatten)]
+    counters: airlock_agent::maps::FlowCounters,
+}
+
+fn list(maps: &Maps, json: bool) -> Result<()> {
+    let now = clock::boottime_ns();
+    let rows: Vec<ListedJson> = maps
+        .list()?
+        .into_iter()
+        .map(|(entry, counters, _)| match entry {
+            Ok(e) => {
+                let (infra, left) = match e.expiry {
+                    Expiry::Infrastructure => (true, None),
+                    Expiry::At(t) => (false, Some((t as f64 - now as f64) / 1e9)),
+                };
+                ListedJson {
+                    flow: Some(e.flow.to_string()),
+                    src: Some(e.flow.src()),
+                    dst: Some(e.flow.dst()),
+                    proto: Some(e.flow.protocol()),
+                    dport: e.flow.port(),
+                    rule_id: Some(e.rule_id),
+                    policy_version: Some(e.policy_version),
+                    ingress: Some(e.ingress),
+                    allow_reply: Some(e.allow_reply),
+                    infrastructure: Some(infra),
+                    expires_in_secs: left.map(|s| s.max(0.0)),
+                    state: if e.is_live(now) { "live" } else { "expired" },
+                    error: None,
+                    counters,
+                }
+            }
+            Err(err) => ListedJson {
+                flow: None,
+                src: None,
+                dst: None,
+                proto: None,
+                dport: None,
+                rule_id: None,
+                policy_version: None,
+                ingress: None,
+                allow_reply: None,
+                infrastructure: None,
+                expires_in_secs: None,
+                state: "invalid",
+                error: Some(err.to_string()),
+                counters,
+            },
+        })
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    if rows.is_empty() {
+        println!("no flow entries: everything is dropped");
+    }
+    for r in rows {
+        let what = r.flow.or(r.error).unwrap_or_default();
+        let exp = match (r.infrastructure, r.expires_in_secs) {
+            (Some(true), _) => "infrastructure".to_owned(),
+            (_, Some(s)) => format!("{s:.0}s left"),
+            _ => "-".to_owned(),
+        };
+        println!(
+            "{what:<52} rule {:<6} {:<8} {:<16} fwd {}p/{}B  reply {}p/{}B",
+            r.rule_id.unwrap_or_default(),
+            r.state,
+            exp,
+            r.counters.packets,
+            r.counters.bytes,
+            r.counters.reply_packets,
+            r.counters.reply_bytes
+        );
+    }
+    Ok(())
+}
+
+fn stats(layout: &PinLayout, json: bool) -> Result<(), Failure> {
+    let maps = Maps::open(&layout.maps())?;
+    let stats = maps.stats()?;
+    if json {
+        let reasons: serde_json::Map<String, serde_json::Value> = stats
+            .iter()
+            .map(|(r, c)| {
+                (r.as_str().to_owned(), serde_json::json!({"packets": c.packets, "bytes": c.bytes}))
+            })
+            .collect();
+        let out = serde_json::json!({"reasons": reasons, "flows": maps.len()?});
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        for (r, c) in &stats {
+            println!("{:<20} {:>12} packets {:>14} bytes", r.as_str(), c.packets, c.bytes);
+        }
+        println!("flow entries: {}", maps.len()?);
+    }
+    Ok(())
+}
+
+async fn run(cfg: AgentConfig, ready_file: Option<PathBuf>) -> Result<()> {
+    use tokio::{
+        io::unix::AsyncFd,
+        signal::unix::{signal, SignalKind},
+        time::interval,
+    };
+    let span = tracing::info_span!("agent", appliance = %cfg.appliance.name);
+    let _enter = span.enter();
+    info!(ports = cfg.ports.len(), pin_dir = %cfg.appliance.pin_dir.display(), "starting");
+    let mut dp = Dataplane::install(&cfg).context("installing the boundary")?;
+    if let Some(f) = &ready_file {
+        std::fs::write(f, "enforcing\n").with_context(|| format!("writing {}", f.display()))?;
+    }
+    info!(forwarding = airlock_agent::netif::forwarding(), "enforcing");
+
+    let ring = Maps::open_events(&cfg.pins().maps())?;
+    // SAFETY: the ring buffer owns its map fd, which stays open and unchanged
+    // until the AsyncFd (which owns the ring buffer) is dropped.
+    let mut events = unsafe { AsyncFd::register(ring) }
+        .map_err(|e| anyhow::anyhow!("registering the ring buffer fd: {e}"))?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut budget = interval(Duration::from_secs(1));
+    let mut counters = interval(Duration::from_secs(cfg.log.counters_interval_secs));
+    let mut gc = interval(Duration::from_secs(cfg.dataplane.gc_interval_secs));
+    let mut last: std::collections::BTreeMap<Reason, Counter> = dp.maps.stats()?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM: exiting; the boundary stays attached"); break; }
+            _ = int.recv() => { info!("SIGINT: exiting; the boundary stays attached"); break; }
+            _ = budget.tick() => {
+                if let Err(e) = dp.maps.refill_event_budget(cfg.dataplane.events_per_second) {
+                    warn!(error = %e, "cannot refill the drop-event budget");
+                }
+            }
+            _ = counters.tick() => {
+                let now = dp.maps.stats()?;
+                log_counters(&last, &now);
+                last = now;
+            }
+            _ = gc.tick() => {
+                match dp.maps.remove_expired(clock::boottime_ns()) {
+                    Ok(0) => {}
+                    Ok(n) => info!(removed = n, "expired flow entries removed"),
+                    Err(e) => warn!(error = %e, "expiry sweep failed"),
+                }
+                if let Err(e) = dp.refresh_local_addrs() {
+                    warn!(error = %e, "cannot refresh local addresses");
+                }
+            }
+            guard = events.readable_mut() => {
+                let mut guard = guard.context("ring buffer")?;
+                let ring = guard.get_inner_mut();
+                while let Some(item) = ring.next() {
+                    match events::decode(&item) {
+                        Some(d) => info!(
+                            target: "airlock::drop",
+                            reason = d.reason, role = d.role, ifindex = d.ifindex,
+                            src = ?d.src, dst = ?d.dst, proto = d.proto,
+                            sport = d.sport, dport = d.dport, ethertype = d.ethertype, len = d.len,
+                            "dropped"
+                        ),
+                        None => warn!(len = item.len(), "undecodable drop event"),
+                    }
+                }
+                guard.clear_ready();
+            }
+        }
+    }
+    Ok(())
+}
+
+fn log_counters(
+    last: &std::collections::BTreeMap<Reason, Counter>,
+    now: &std::collections::BTreeMap<Reason, Counter>,
+) {
+    let mut parts = Vec::new();
+    for (r, c) in now {
+        let before = last.get(r).map_or(0, |c| c.packets);
+        let d = c.packets.saturating_sub(before);
+        if d > 0 {
+            parts.push(format!("{}={d}", r.as_str()));
+        }
+    }
+    if !parts.is_empty() {
+        info!(target: "airlock::counters", deltas = %parts.join(" "), "counters");
+    }
+}

@@ -370,7 +370,7 @@ max_flows = 0
                 "dataplane.reply_min_port"
             ]
         );
-        assert!(e.to_string().contains("7 problems"), "{e}");
+        assert!(e.to_string().contains("7 configuration problems"), "{e}");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! drop-event budget, logs counters and drop events, and frees expired entries.
 //!
 //! What it is not: the enforcer. The kernel enforces — default drop, exact
-//! entries, expiry checked against CLOCK_BOOTTIME — whether the agent runs or
+//! entries, expiry checked against the kernel's monotonic clock — whether the agent runs or
 //! not. A crashed or stopped agent changes nothing on the wire.
 //!
 //! ```text
@@ -15,7 +15,7 @@
 //!                   ▼
 //!               maps.rs (flows, stats, settings, budget, local addrs) ◀── CLI: flow / stats
 //!                   │
-//!  events.rs ◀── ring buffer                clock.rs: CLOCK_BOOTTIME, durations
+//!  events.rs ◀── ring buffer                clock.rs: CLOCK_MONOTONIC, durations
 //! ```
 
 pub mod clock;

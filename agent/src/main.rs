@@ -215,7 +215,7 @@ fn flow(layout: &PinLayout, cmd: FlowCommand) -> Result<(), Failure> {
         } => {
             let f = parse_flow(&flow)?;
             let expiry = match ttl {
-                Some(d) => Expiry::At(clock::boottime_ns().saturating_add(d.as_nanos() as u64)),
+                Some(d) => Expiry::At(clock::monotonic_ns().saturating_add(d.as_nanos() as u64)),
                 None => Expiry::Infrastructure,
             };
             let ingress = match ingress {
@@ -271,7 +271,7 @@ struct ListedJson {
 }
 
 fn list(maps: &Maps, json: bool) -> Result<()> {
-    let now = clock::boottime_ns();
+    let now = clock::monotonic_ns();
     let rows: Vec<ListedJson> = maps
         .list()?
         .into_iter()
@@ -406,7 +406,7 @@ async fn run(cfg: AgentConfig, ready_file: Option<PathBuf>) -> Result<()> {
                 last = now;
             }
             _ = gc.tick() => {
-                match dp.maps.remove_expired(clock::boottime_ns()) {
+                match dp.maps.remove_expired(clock::monotonic_ns()) {
                     Ok(0) => {}
                     Ok(n) => info!(removed = n, "expired flow entries removed"),
                     Err(e) => warn!(error = %e, "expiry sweep failed"),

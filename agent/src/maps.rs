@@ -10,7 +10,9 @@ use airlock_ebpf_common::layout::{
     map_names, Counter, FlowKeyV4, FlowKeyV6, FlowValue, LocalAddrKey, Reason, Settings,
 };
 use airlock_policy::{Flow, FlowEntry, MapEntry};
-use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues, RingBuf};
+use aya::maps::{
+    Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf,
+};
 
 use crate::netif::LocalAddrKeyOrd;
 
@@ -78,8 +80,9 @@ pub type ListedFlow = (Result<FlowEntry, airlock_policy::FlowError>, FlowCounter
 
 /// The pinned maps.
 pub struct Maps {
-    flows_v4: HashMap<MapData, FlowKeyV4, FlowValue>,
-    flows_v6: HashMap<MapData, FlowKeyV6, FlowValue>,
+    flows_v4: PerCpuHashMap<MapData, FlowKeyV4, FlowValue>,
+    flows_v6: PerCpuHashMap<MapData, FlowKeyV6, FlowValue>,
+    cpus: usize,
     stats: PerCpuArray<MapData, Counter>,
     budget: PerCpuArray<MapData, u32>,
     local: HashMap<MapData, LocalAddrKey, u8>,
@@ -108,7 +111,10 @@ macro_rules! typed {
 impl Maps {
     /// Opens every map pinned in `maps_dir`.
     pub fn open(maps_dir: &Path) -> Result<Self, MapsError> {
+        let cpus =
+            aya::util::nr_cpus().map_err(|(what, e)| MapsError::Cpus(format!("{what}: {e}")))?;
         Ok(Self {
+            cpus,
             flows_v4: typed!(maps_dir, map_names::FLOWS_V4),
             flows_v6: typed!(maps_dir, map_names::FLOWS_V6),
             stats: typed!(maps_dir, map_names::STATS),
@@ -123,21 +129,19 @@ impl Maps {
         Ok(typed!(maps_dir, map_names::EVENTS))
     }
 
-    /// Inserts or replaces an entry, keeping the counters of an entry with the
-    /// same key.
+    /// Inserts or replaces an entry (the same metadata on every CPU), keeping
+    /// each CPU's counters of an entry with the same key.
     pub fn upsert(&mut self, entry: &FlowEntry) -> Result<(), MapsError> {
         match entry.to_map() {
-            MapEntry::V4(k, mut v) => {
-                if let Ok(old) = self.flows_v4.get(&k, 0) {
-                    keep_counters(&mut v, &old);
-                }
-                self.flows_v4.insert(k, v, 0).map_err(op("insert", map_names::FLOWS_V4))
+            MapEntry::V4(k, v) => {
+                let old = self.flows_v4.get(&k, 0).ok();
+                let values = per_cpu(self.cpus, &v, old.as_ref().map(|o| &o[..]))?;
+                self.flows_v4.insert(k, values, 0).map_err(op("insert", map_names::FLOWS_V4))
             }
-            MapEntry::V6(k, mut v) => {
-                if let Ok(old) = self.flows_v6.get(&k, 0) {
-                    keep_counters(&mut v, &old);
-                }
-                self.flows_v6.insert(k, v, 0).map_err(op("insert", map_names::FLOWS_V6))
+            MapEntry::V6(k, v) => {
+                let old = self.flows_v6.get(&k, 0).ok();
+                let values = per_cpu(self.cpus, &v, old.as_ref().map(|o| &o[..]))?;
+                self.flows_v6.insert(k, values, 0).map_err(op("insert", map_names::FLOWS_V6))
             }
         }
     }
@@ -164,17 +168,20 @@ impl Maps {
         }
     }
 
-    /// Every entry, IPv4 first, each family in key order.
+    /// Every entry with its counters summed over CPUs, IPv4 first, each family
+    /// in key order. The metadata is CPU 0's copy (all copies are equal).
     pub fn list(&self) -> Result<Vec<ListedFlow>, MapsError> {
         let mut v4: Vec<_> = self
             .flows_v4
             .iter()
+            .map(|r| r.map(|(k, v)| (k, summed(&v))))
             .collect::<Result<_, _>>()
             .map_err(op("iterate", map_names::FLOWS_V4))?;
         v4.sort_by_key(|(k, _)| *k);
         let mut v6: Vec<_> = self
             .flows_v6
             .iter()
+            .map(|r| r.map(|(k, v)| (k, summed(&v))))
             .collect::<Result<_, _>>()
             .map_err(op("iterate", map_names::FLOWS_V6))?;
         v6.sort_by_key(|(k, _)| *k);
@@ -202,21 +209,21 @@ impl Maps {
         Ok(self.len()? == 0)
     }
 
-    /// Removes entries whose expiry has passed at `now_ns` (CLOCK_BOOTTIME).
+    /// Removes entries whose expiry has passed at `now_ns` (CLOCK_MONOTONIC).
     /// The kernel already refuses them; this frees their slots.
     pub fn remove_expired(&mut self, now_ns: u64) -> Result<usize, MapsError> {
         let dead4: Vec<_> = self
             .flows_v4
             .iter()
             .filter_map(Result::ok)
-            .filter(|(_, v)| v.expires_ns != 0 && v.expires_ns <= now_ns)
+            .filter(|(_, v)| expired(v, now_ns))
             .map(|(k, _)| k)
             .collect();
         let dead6: Vec<_> = self
             .flows_v6
             .iter()
             .filter_map(Result::ok)
-            .filter(|(_, v)| v.expires_ns != 0 && v.expires_ns <= now_ns)
+            .filter(|(_, v)| expired(v, now_ns))
             .map(|(k, _)| k)
             .collect();
         let n = dead4.len() + dead6.len();
@@ -274,11 +281,42 @@ impl Maps {
     }
 }
 
-fn keep_counters(new: &mut FlowValue, old: &FlowValue) {
-    new.packets = old.packets;
-    new.bytes = old.bytes;
-    new.reply_packets = old.reply_packets;
-    new.reply_bytes = old.reply_bytes;
+/// `v` for every CPU, with each CPU's counters carried over from `old`.
+fn per_cpu(
+    cpus: usize,
+    v: &FlowValue,
+    old: Option<&[FlowValue]>,
+) -> Result<PerCpuValues<FlowValue>, MapsError> {
+    let values = (0..cpus)
+        .map(|cpu| {
+            let mut v = *v;
+            if let Some(o) = old.and_then(|o| o.get(cpu)) {
+                v.packets = o.packets;
+                v.bytes = o.bytes;
+                v.reply_packets = o.reply_packets;
+                v.reply_bytes = o.reply_bytes;
+            }
+            v
+        })
+        .collect::<Vec<_>>();
+    PerCpuValues::try_from(values)
+        .map_err(|e| MapsError::Cpus(format!("per-CPU values for {cpus} CPUs: {e}")))
+}
+
+/// CPU 0's metadata with every CPU's counters added up.
+fn summed(values: &[FlowValue]) -> FlowValue {
+    let mut out = values.first().copied().unwrap_or_default();
+    for v in values.iter().skip(1) {
+        out.packets += v.packets;
+        out.bytes += v.bytes;
+        out.reply_packets += v.reply_packets;
+        out.reply_bytes += v.reply_bytes;
+    }
+    out
+}
+
+fn expired(values: &[FlowValue], now_ns: u64) -> bool {
+    values.first().is_some_and(|v| v.expires_ns != 0 && v.expires_ns <= now_ns)
 }
 
 fn is_not_found(e: &MapError) -> bool {

@@ -107,7 +107,7 @@ pub enum FlowError {
     #[error("only infrastructure rules may have no expiry; give the flow an expiry")]
     MissingExpiry,
     /// An expiry of 0 (reserved for "none").
-    #[error("an expiry must be a positive CLOCK_BOOTTIME instant")]
+    #[error("an expiry must be a positive CLOCK_MONOTONIC instant")]
     ZeroExpiry,
     /// A map entry the agent did not write.
     #[error("map entry is not a valid flow entry: {0}")]
@@ -202,7 +202,7 @@ impl fmt::Display for Flow {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Expiry {
-    /// At this CLOCK_BOOTTIME instant (nanoseconds), checked by the kernel.
+    /// At this CLOCK_MONOTONIC instant (nanoseconds), checked by the kernel.
     At(u64),
     /// Never: only for infrastructure rules.
     Infrastructure,

@@ -8,7 +8,7 @@
 //! nftables rulesets grow here next.
 //!
 //! What it is not: it does no I/O and reads no clock. Expiry instants are
-//! CLOCK_BOOTTIME nanoseconds handed in by the caller.
+//! CLOCK_MONOTONIC nanoseconds handed in by the caller.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod flow;

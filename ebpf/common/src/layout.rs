@@ -10,9 +10,9 @@ pub const LAYOUT_VERSION: u32 = 1;
 
 /// Map names (at most 15 bytes: the kernel's object-name limit).
 pub mod map_names {
-    /// IPv4 flow entries: [`super::FlowKeyV4`] → [`super::FlowValue`].
+    /// IPv4 flow entries: [`super::FlowKeyV4`] → per-CPU [`super::FlowValue`].
     pub const FLOWS_V4: &str = "FLOWS_V4";
-    /// IPv6 flow entries: [`super::FlowKeyV6`] → [`super::FlowValue`].
+    /// IPv6 flow entries: [`super::FlowKeyV6`] → per-CPU [`super::FlowValue`].
     pub const FLOWS_V6: &str = "FLOWS_V6";
     /// Per-CPU counters indexed by [`super::Reason`]: [`super::Counter`].
     pub const STATS: &str = "STATS";
@@ -34,6 +34,8 @@ pub mod program_names {
     pub const UPLINK: &str = "airlock_uplink";
     /// An XDP program that only returns DROP: the benchmark's baseline.
     pub const BASELINE: &str = "airlock_baseline";
+    /// The patient program without drop events (benchmark reference only).
+    pub const SILENT: &str = "airlock_silent";
 }
 
 /// Default size of each flow map; the agent may override it at load time.
@@ -95,7 +97,7 @@ pub enum Reason {
     PassNd = 3,
     /// No flow entry (default deny).
     DropNoFlow = 4,
-    /// The matching entry has expired (checked against CLOCK_BOOTTIME).
+    /// The matching entry has expired (checked against CLOCK_MONOTONIC).
     DropExpired = 5,
     /// A header ends beyond the frame.
     DropTruncated = 6,
@@ -279,13 +281,15 @@ pub const FLOW_ALLOW_REPLY: u8 = 1;
 /// [`FlowValue::flags`]: an infrastructure rule; only these may have no expiry.
 pub const FLOW_INFRASTRUCTURE: u8 = 2;
 
-/// What the kernel knows about an allowed flow, plus its counters (updated with
-/// atomic adds by the kernel; the agent only reads them).
+/// What the kernel knows about an allowed flow, plus its counters. The maps are
+/// per-CPU: the agent writes the same metadata to every CPU's copy, each CPU
+/// bumps only its own counters, and the agent sums them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FlowValue {
-    /// CLOCK_BOOTTIME nanoseconds after which the entry no longer passes
-    /// anything; 0 means no expiry, allowed only with [`FLOW_INFRASTRUCTURE`].
+    /// CLOCK_MONOTONIC nanoseconds after which the entry no longer passes
+    /// anything (the kernel compares with its coarse monotonic clock); 0 means
+    /// no expiry, allowed only with [`FLOW_INFRASTRUCTURE`].
     pub expires_ns: u64,
     /// Forward packets passed.
     pub packets: u64,
@@ -308,7 +312,7 @@ pub struct FlowValue {
 }
 
 impl FlowValue {
-    /// True when the entry may pass a packet at `now_ns` (CLOCK_BOOTTIME).
+    /// True when the entry may pass a packet at `now_ns` (CLOCK_MONOTONIC).
     /// An expiry of 0 without the infrastructure flag never passes: a value
     /// written wrongly fails closed.
     #[inline(always)]
@@ -397,7 +401,7 @@ impl Default for Settings {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct DropEvent {
-    /// CLOCK_BOOTTIME nanoseconds.
+    /// CLOCK_MONOTONIC nanoseconds.
     pub ts_ns: u64,
     /// Interface the packet entered on.
     pub ifindex: u32,

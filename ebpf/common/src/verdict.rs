@@ -60,7 +60,7 @@ pub struct Decision<E> {
 /// The parts of a flow entry the verdict reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EntryMeta {
-    /// CLOCK_BOOTTIME expiry, 0 for none.
+    /// CLOCK_MONOTONIC expiry, 0 for none.
     pub expires_ns: u64,
     /// Ingress [`PortRole`] as stored.
     pub ingress: u8,
@@ -186,7 +186,7 @@ const fn pass<E>(reason: Reason, dir: Direction, entry: E) -> Decision<E> {
 }
 
 /// The verdict for a parsed frame that entered on port `ifindex` with `role`.
-/// `now` returns CLOCK_BOOTTIME nanoseconds and is called only when needed.
+/// `now` returns CLOCK_MONOTONIC nanoseconds and is called only when needed.
 #[inline(always)]
 pub fn decide<T: FlowTable>(
     frame: &Frame,

@@ -258,8 +258,11 @@ fn parse_v4<P: Packet + ?Sized>(p: &P, out: &mut Frame) -> Result<(), Reason> {
         return Err(Reason::DropL4Proto);
     };
     let total = be16([h[2], h[3]]) as usize;
-    if total < IPV4_LEN + min || total > p.len().saturating_sub(ETH_LEN) {
+    if total < IPV4_LEN + min {
         return Err(Reason::DropIpHeader);
+    }
+    if total > p.len().saturating_sub(ETH_LEN) {
+        return Err(Reason::DropTruncated); // the frame ends before the packet does
     }
     let (sport, dport, tcp_flags, icmp_type) = parse_l4(p, ETH_LEN + IPV4_LEN, proto_nr)?;
     out.kind = FrameKind::V4;
@@ -297,8 +300,11 @@ fn parse_v6<P: Packet + ?Sized>(p: &P, out: &mut Frame) -> Result<(), Reason> {
         return Err(Reason::DropL4Proto);
     };
     let payload = be16([h[4], h[5]]) as usize;
-    if payload < min || payload > p.len().saturating_sub(ETH_LEN + IPV6_LEN) {
+    if payload < min {
         return Err(Reason::DropIpHeader);
+    }
+    if payload > p.len().saturating_sub(ETH_LEN + IPV6_LEN) {
+        return Err(Reason::DropTruncated);
     }
     let (sport, dport, tcp_flags, icmp_type) = parse_l4(p, ETH_LEN + IPV6_LEN, nh)?;
     out.kind = FrameKind::V6;

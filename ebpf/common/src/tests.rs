@@ -206,7 +206,8 @@ fn odd_frames_are_dropped_by_reason() {
     };
     assert_eq!(parse(&good[..10]).unwrap_err(), Reason::DropTruncated);
     assert_eq!(parse(&good[..30]).unwrap_err(), Reason::DropTruncated);
-    assert_eq!(with(&|g| g.truncate(14 + 20 + 10)), Reason::DropIpHeader);
+    assert_eq!(with(&|g| g.truncate(14 + 20 + 10)), Reason::DropTruncated);
+    assert_eq!(with(&|g| g[16..18].copy_from_slice(&[0, 30])), Reason::DropIpHeader); // total < 20 + TCP
     assert_eq!(with(&|g| g[12..14].copy_from_slice(&[0x81, 0x00])), Reason::DropVlan);
     assert_eq!(with(&|g| g[12..14].copy_from_slice(&[0x88, 0xa8])), Reason::DropVlan);
     assert_eq!(with(&|g| g[12..14].copy_from_slice(&[0x88, 0xcc])), Reason::DropEthertype);

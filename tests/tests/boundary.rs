@@ -1,0 +1,384 @@
+//! End to end, as root: the real agent loads the real XDP programs onto the
+//! appliance's veth ports in a lab of its own (unique namespaces, removed on
+//! drop and on panic), and real TCP, UDP and ICMP traffic crosses — or does not.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use airlock_testbed::{addr, unique_prefix, Lab, NetNs, Signal};
+
+const OPEN: Duration = Duration::from_secs(3);
+/// Packets to a closed boundary vanish; give them this long to (not) arrive.
+const SHUT: Duration = Duration::from_millis(600);
+
+fn ip4(a: std::net::Ipv4Addr) -> IpAddr {
+    IpAddr::V4(a)
+}
+fn ip6(a: std::net::Ipv6Addr) -> IpAddr {
+    IpAddr::V6(a)
+}
+
+fn lab() -> Lab {
+    Lab::start(&unique_prefix()).expect("lab with an enforcing agent")
+}
+
+/// A TCP server in `ns` answering "pong" to each connection until dropped.
+struct TcpServer {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+impl TcpServer {
+    fn start(ns: &NetNs, ip: IpAddr) -> Self {
+        let listener = ns
+            .run(move || TcpListener::bind(SocketAddr::new(ip, 0)))
+            .expect("enter namespace")
+            .expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("addr");
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut s, _)) => {
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.set_read_timeout(Some(OPEN));
+                        let mut buf = [0u8; 5];
+                        if s.read_exact(&mut buf).is_ok() {
+                            let _ = s.write_all(b"pong\n");
+                        }
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Self { addr, stop }
+    }
+    fn port(&self) -> u16 {
+        self.addr.port()
+    }
+}
+
+impl Drop for TcpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// True when a TCP exchange from `ns` to `to` completes.
+fn tcp_ok(ns: &NetNs, to: SocketAddr) -> bool {
+    ns.run(move || -> std::io::Result<String> {
+        let mut s = TcpStream::connect_timeout(&to, SHUT.max(Duration::from_millis(300)))?;
+        s.set_read_timeout(Some(OPEN))?;
+        s.write_all(b"ping\n")?;
+        let mut reply = String::new();
+        s.read_to_string(&mut reply)?;
+        Ok(reply)
+    })
+    .expect("enter namespace")
+    .is_ok_and(|r| r == "pong\n")
+}
+
+/// A UDP echo server in `ns` until dropped; counts datagrams received.
+struct UdpEcho {
+    addr: SocketAddr,
+    received: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl UdpEcho {
+    fn start(ns: &NetNs, ip: IpAddr) -> Self {
+        let sock = ns
+            .run(move || UdpSocket::bind(SocketAddr::new(ip, 0)))
+            .expect("enter namespace")
+            .expect("bind");
+        sock.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
+        let addr = sock.local_addr().expect("addr");
+        let received = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (count, flag) = (received.clone(), stop.clone());
+        thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !flag.load(Ordering::Relaxed) {
+                if let Ok((n, peer)) = sock.recv_from(&mut buf) {
+                    count.fetch_add(1, Ordering::Relaxed);
+                    let _ = sock.send_to(&buf[..n], peer);
+                }
+            }
+        });
+        Self { addr, received, stop }
+    }
+    fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for UdpEcho {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// True when a UDP datagram from `ns` to `to` comes back.
+fn udp_ok(ns: &NetNs, to: SocketAddr) -> bool {
+    ns.run(move || -> std::io::Result<bool> {
+        let any = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+        let s = UdpSocket::bind(any)?;
+        s.set_read_timeout(Some(SHUT))?;
+        for _ in 0..2 {
+            s.send_to(b"hello", to)?;
+            let mut buf = [0u8; 16];
+            if let Ok((n, _)) = s.recv_from(&mut buf) {
+                return Ok(&buf[..n] == b"hello");
+            }
+        }
+        Ok(false)
+    })
+    .expect("enter namespace")
+    .unwrap_or(false)
+}
+
+/// True when one ICMP echo from `ns` to `to` is answered (iputils ping).
+fn ping_ok(ns: &NetNs, to: IpAddr) -> bool {
+    ns.exec("ping", &["-n", "-c", "1", "-W", "1", &to.to_string()]).is_ok()
+}
+
+fn flow_add(lab: &Lab, args: &[&str]) {
+    let mut all = vec!["flow", "add"];
+    all.extend_from_slice(args);
+    lab.agent().cli(&all).unwrap_or_else(|e| panic!("flow add {args:?}: {e}"));
+}
+
+fn stats(lab: &Lab) -> airlock_testbed::AgentStats {
+    lab.agent().stats().expect("stats")
+}
+
+fn flows_json(lab: &Lab) -> Vec<serde_json::Value> {
+    let out = lab.agent().cli(&["flow", "list", "--json"]).expect("flow list");
+    serde_json::from_str(&out).expect("flow list JSON")
+}
+
+#[test]
+fn no_entries_drops_everything_both_ways_and_counts_it() {
+    let lab = lab();
+    let t = lab.topology();
+    let (p1, ext) = (t.p1(), t.external());
+    let before = stats(&lab).packets("drop_no_flow");
+
+    let ext_tcp = TcpServer::start(ext, ip4(addr::EXT_V4));
+    let ext_tcp6 = TcpServer::start(ext, ip6(addr::EXT_V6));
+    let ext_udp = UdpEcho::start(ext, ip4(addr::EXT_V4));
+    let p1_tcp = TcpServer::start(p1, ip4(addr::P1_V4));
+    let p1_udp = UdpEcho::start(p1, ip6(addr::P1_V6));
+
+    assert!(!tcp_ok(p1, ext_tcp.addr), "patient → external TCP must be dropped");
+    assert!(!tcp_ok(p1, ext_tcp6.addr), "patient → external TCP over IPv6 must be dropped");
+    assert!(!udp_ok(p1, ext_udp.addr), "patient → external UDP must be dropped");
+    assert!(!ping_ok(p1, ip4(addr::EXT_V4)), "patient → external ICMP must be dropped");
+    assert!(!ping_ok(p1, ip6(addr::EXT_V6)), "patient → external ICMPv6 must be dropped");
+    assert!(!tcp_ok(ext, p1_tcp.addr), "external → patient TCP must be dropped");
+    assert!(!udp_ok(ext, p1_udp.addr), "external → patient UDP over IPv6 must be dropped");
+    assert!(!ping_ok(ext, ip4(addr::P1_V4)), "external → patient ICMP must be dropped");
+    assert_eq!(ext_udp.received() + p1_udp.received(), 0, "nothing may arrive");
+
+    let s = stats(&lab);
+    // At least: TCP SYN retries (≥1 each) ×3, UDP ×2 ×2, ICMP ×3.
+    assert!(s.packets("drop_no_flow") >= before + 10, "drops counted: {}", s.summary());
+    assert_eq!(s.packets("pass_flow") + s.packets("pass_reply"), 0, "{}", s.summary());
+    assert!(s.packets("pass_arp") > 0, "ARP to the appliance works: {}", s.summary());
+}
+
+#[test]
+fn one_entry_lets_exactly_that_flow_pass() {
+    let lab = lab();
+    let t = lab.topology();
+    let (p1, p2, ext) = (t.p1(), t.p2(), t.external());
+    let tcp = TcpServer::start(ext, ip4(addr::EXT_V4));
+    let other_tcp = TcpServer::start(ext, ip4(addr::EXT_V4));
+    let tcp6 = TcpServer::start(ext, ip6(addr::EXT_V6));
+    let udp = UdpEcho::start(ext, ip4(addr::EXT_V4));
+    let (p1s, p1s6, ext4, ext6) = (
+        addr::P1_V4.to_string(),
+        addr::P1_V6.to_string(),
+        addr::EXT_V4.to_string(),
+        addr::EXT_V6.to_string(),
+    );
+    let (tport, t6port, uport) =
+        (tcp.port().to_string(), tcp6.port().to_string(), udp.addr.port().to_string());
+
+    assert!(!tcp_ok(p1, tcp.addr), "closed before the entry exists");
+    flow_add(&lab, &["--src", &p1s, "--dst", &ext4, "--proto", "tcp", "--dport", &tport, "--rule-id", "11", "--ttl", "10m"]);
+    flow_add(&lab, &["--src", &p1s6, "--dst", &ext6, "--proto", "tcp", "--dport", &t6port, "--rule-id", "12", "--ttl", "10m"]);
+    flow_add(&lab, &["--src", &p1s, "--dst", &ext4, "--proto", "udp", "--dport", &uport, "--rule-id", "13", "--ttl", "10m"]);
+    flow_add(&lab, &["--src", &p1s, "--dst", &ext4, "--proto", "icmp", "--rule-id", "14", "--ttl", "10m"]);
+
+    // Exactly these flows pass, with their replies...
+    assert!(tcp_ok(p1, tcp.addr), "allowed TCP flow");
+    assert!(tcp_ok(p1, tcp6.addr), "allowed TCP flow over IPv6");
+    assert!(udp_ok(p1, udp.addr), "allowed UDP flow and its reply");
+    assert!(ping_ok(p1, ip4(addr::EXT_V4)), "allowed ICMP echo and its reply");
+    // ...and nothing else: another host, another port, another protocol, the
+    // other direction.
+    assert!(!tcp_ok(p2, tcp.addr), "another patient host");
+    assert!(!udp_ok(p2, udp.addr), "another patient host, UDP");
+    assert!(!tcp_ok(p1, other_tcp.addr), "another port");
+    assert!(!ping_ok(p1, ip6(addr::EXT_V6)), "ICMPv6 has no entry");
+    assert!(!ping_ok(ext, ip4(addr::P1_V4)), "the far side may not start ICMP");
+    let p1_srv = TcpServer::start(p1, ip4(addr::P1_V4));
+    assert!(!tcp_ok(ext, p1_srv.addr), "the far side may not open TCP");
+
+    let flows = flows_json(&lab);
+    let rule = |id: u64| flows.iter().find(|f| f["rule_id"] == id).expect("entry listed");
+    for id in [11, 12, 13, 14] {
+        let f = rule(id);
+        assert!(f["packets"].as_u64() > Some(0), "forward counter of rule {id}: {f}");
+        assert!(f["reply_packets"].as_u64() > Some(0), "reply counter of rule {id}: {f}");
+        assert_eq!(f["state"], "live");
+    }
+    let s = stats(&lab);
+    assert!(s.packets("pass_flow") > 0 && s.packets("pass_reply") > 0, "{}", s.summary());
+    assert!(s.packets("drop_no_flow") > 0, "{}", s.summary());
+
+    // Removing the entry closes it again.
+    lab.agent()
+        .cli(&["flow", "remove", "--src", &p1s, "--dst", &ext4, "--proto", "tcp", "--dport", &tport])
+        .expect("remove");
+    assert!(!tcp_ok(p1, tcp.addr), "closed after removal");
+}
+
+#[test]
+fn expiry_is_enforced_by_the_kernel_with_the_agent_stopped() {
+    let mut lab = lab();
+    let (p1s, ext4) = (addr::P1_V4.to_string(), addr::EXT_V4.to_string());
+    let udp = UdpEcho::start(lab.topology().external(), ip4(addr::EXT_V4));
+    let port = udp.addr.port().to_string();
+    flow_add(&lab, &["--src", &p1s, "--dst", &ext4, "--proto", "udp", "--dport", &port, "--rule-id", "21", "--ttl", "3s"]);
+    let added = Instant::now();
+    assert!(udp_ok(lab.topology().p1(), udp.addr), "passes while live");
+
+    lab.agent_mut().stop().expect("stop the agent");
+    assert!(udp_ok(lab.topology().p1(), udp.addr), "still passes with the agent stopped (pinned)");
+    let expiry = Duration::from_secs(3) + Duration::from_millis(100);
+    if let Some(left) = expiry.checked_sub(added.elapsed()) {
+        thread::sleep(left);
+    }
+    let before = stats(&lab).packets("drop_expired");
+    assert!(!udp_ok(lab.topology().p1(), udp.addr), "dropped after expiry, agent still stopped");
+    let s = stats(&lab);
+    assert!(s.packets("drop_expired") > before, "counted as expired: {}", s.summary());
+    assert_eq!(flows_json(&lab)[0]["state"], "expired");
+}
+
+#[test]
+fn sigkill_during_traffic_lets_nothing_through_and_restart_keeps_enforcing() {
+    let mut lab = lab();
+    let (p1s, ext4) = (addr::P1_V4.to_string(), addr::EXT_V4.to_string());
+    let allowed = UdpEcho::start(lab.topology().external(), ip4(addr::EXT_V4));
+    let denied = UdpEcho::start(lab.topology().external(), ip4(addr::EXT_V4));
+    let port = allowed.addr.port().to_string();
+    flow_add(&lab, &["--src", &p1s, "--dst", &ext4, "--proto", "udp", "--dport", &port, "--rule-id", "31", "--ttl", "10m"]);
+
+    // A steady stream to both ports from the patient host.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let (flag, count, to_ok, to_bad) = (stop.clone(), sent.clone(), allowed.addr, denied.addr);
+    let sender = lab
+        .topology()
+        .p1()
+        .spawn(move || -> std::io::Result<()> {
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            while !flag.load(Ordering::Relaxed) {
+                for _ in 0..50 {
+                    let _ = s.send_to(b"x", to_ok);
+                    let _ = s.send_to(b"y", to_bad);
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+                thread::sleep(Duration::from_millis(1));
+            }
+            Ok(())
+        })
+        .expect("sender");
+    thread::sleep(Duration::from_millis(500));
+    lab.agent_mut().kill(Signal::Kill).expect("SIGKILL");
+    lab.agent_mut().wait(Duration::from_secs(5)).expect("agent died");
+    let at_kill = allowed.received();
+    thread::sleep(Duration::from_millis(700));
+    let after_kill = allowed.received();
+    lab.agent_mut().restart().expect("restart");
+    let at_restart = allowed.received();
+    thread::sleep(Duration::from_millis(700));
+    stop.store(true, Ordering::Relaxed);
+    sender.join().expect("sender thread").expect("namespace").expect("sender socket");
+    thread::sleep(Duration::from_millis(100));
+
+    assert!(sent.load(Ordering::Relaxed) > 1_000, "the stream ran");
+    assert_eq!(denied.received(), 0, "no packet of the denied flow crossed, ever");
+    assert!(after_kill > at_kill, "the allowed flow kept passing while the agent was dead");
+    assert!(allowed.received() > at_restart, "and after the restart");
+    assert!(
+        lab.agent().log().contains("attachment=Replaced"),
+        "the restart swapped the program atomically: {}",
+        lab.agent().log_tail(20)
+    );
+    assert!(!ping_ok(lab.topology().p1(), ip4(addr::EXT_V4)), "still default deny");
+}
+
+/// Crafted frames the parser does not handle, sent with scapy from a patient
+/// host: every one dropped and counted under its reason.
+#[test]
+fn odd_packets_are_dropped_and_counted_by_reason() {
+    const COUNT: u64 = 5;
+    let lab = lab();
+    let t = lab.topology();
+    let mac = |ns: &NetNs, ifname: &str| {
+        ns.exec("cat", &[&format!("/sys/class/net/{ifname}/address")])
+            .expect("read MAC")
+            .trim()
+            .to_owned()
+    };
+    let (p1_mac, app_mac) = (mac(t.p1(), "eth0"), mac(t.appliance(), "patient0"));
+    let before = stats(&lab);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scapy/odd_packets.py");
+    let out = t
+        .p1()
+        .exec(
+            "/usr/bin/python3",
+            &[
+                script,
+                "eth0",
+                &p1_mac,
+                &app_mac,
+                &addr::P1_V4.to_string(),
+                &addr::EXT_V4.to_string(),
+                &addr::P1_V6.to_string(),
+                &addr::EXT_V6.to_string(),
+                "10.77.0.99",
+                &COUNT.to_string(),
+            ],
+        )
+        .expect("scapy sender");
+    let expected: std::collections::BTreeMap<String, String> =
+        serde_json::from_str(out.trim()).expect("scapy output");
+    assert!(expected.len() >= 12, "{expected:?}");
+    let mut per_reason = std::collections::BTreeMap::<&str, u64>::new();
+    for reason in expected.values() {
+        *per_reason.entry(reason.as_str()).or_default() += COUNT;
+    }
+    // Counters are read after the kernel processed the frames.
+    thread::sleep(Duration::from_millis(300));
+    let after = stats(&lab);
+    for (reason, n) in per_reason {
+        let got = after.packets(reason) - before.packets(reason);
+        assert!(got >= n, "{reason}: {got} counted, {n} sent; {}", after.summary());
+    }
+    assert_eq!(after.packets("pass_flow") + after.packets("pass_reply"), 0, "{}", after.summary());
+}

@@ -130,7 +130,9 @@ fn main() -> Result<()> {
     // `cargo bench` passes --bench; `cargo test --all-targets` does not, and
     // must not spend a minute here.
     if !std::env::args().any(|a| a == "--bench") {
-        eprintln!("dataplane benchmark: run it with `cargo bench -p airlock-agent --bench dataplane`");
+        eprintln!(
+            "dataplane benchmark: run it with `cargo bench -p airlock-agent --bench dataplane`"
+        );
         return Ok(());
     }
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/airlock-bench-{}", std::process::id()));

@@ -216,10 +216,61 @@ fn one_entry_lets_exactly_that_flow_pass() {
         (tcp.port().to_string(), tcp6.port().to_string(), udp.addr.port().to_string());
 
     assert!(!tcp_ok(p1, tcp.addr), "closed before the entry exists");
-    flow_add(&lab, &["--src", &p1s, "--dst", &ext4, "--proto", "tcp", "--dport", &tport, "--rule-id", "11", "--ttl", "10m"]);
-    flow_add(&lab, &["--src", &p1s6, "--dst", &ext6, "--proto", "tcp", "--dport", &t6port, "--rule-id", "12", "--ttl", "10m"]);
-    flow_add(&lab, &["--src", &p1s, "--dst", &ext4, "--proto", "udp", "--dport", &uport, "--rule-id", "13", "--ttl", "10m"]);
-    flow_add(&lab, &["--src", &p1s, "--dst", &ext4, "--proto", "icmp", "--rule-id", "14", "--ttl", "10m"]);
+    flow_add(
+        &lab,
+        &[
+            "--src",
+            &p1s,
+            "--dst",
+            &ext4,
+            "--proto",
+            "tcp",
+            "--dport",
+            &tport,
+            "--rule-id",
+            "11",
+            "--ttl",
+            "10m",
+        ],
+    );
+    flow_add(
+        &lab,
+        &[
+            "--src",
+            &p1s6,
+            "--dst",
+            &ext6,
+            "--proto",
+            "tcp",
+            "--dport",
+            &t6port,
+            "--rule-id",
+            "12",
+            "--ttl",
+            "10m",
+        ],
+    );
+    flow_add(
+        &lab,
+        &[
+            "--src",
+            &p1s,
+            "--dst",
+            &ext4,
+            "--proto",
+            "udp",
+            "--dport",
+            &uport,
+            "--rule-id",
+            "13",
+            "--ttl",
+            "10m",
+        ],
+    );
+    flow_add(
+        &lab,
+        &["--src", &p1s, "--dst", &ext4, "--proto", "icmp", "--rule-id", "14", "--ttl", "10m"],
+    );
 
     // Exactly these flows pass, with their replies...
     assert!(tcp_ok(p1, tcp.addr), "allowed TCP flow");
@@ -250,7 +301,9 @@ fn one_entry_lets_exactly_that_flow_pass() {
 
     // Removing the entry closes it again.
     lab.agent()
-        .cli(&["flow", "remove", "--src", &p1s, "--dst", &ext4, "--proto", "tcp", "--dport", &tport])
+        .cli(&[
+            "flow", "remove", "--src", &p1s, "--dst", &ext4, "--proto", "tcp", "--dport", &tport,
+        ])
         .expect("remove");
     assert!(!tcp_ok(p1, tcp.addr), "closed after removal");
 }
@@ -261,7 +314,23 @@ fn expiry_is_enforced_by_the_kernel_with_the_agent_stopped() {
     let (p1s, ext4) = (addr::P1_V4.to_string(), addr::EXT_V4.to_string());
     let udp = UdpEcho::start(lab.topology().external(), ip4(addr::EXT_V4));
     let port = udp.addr.port().to_string();
-    flow_add(&lab, &["--src", &p1s, "--dst", &ext4, "--proto", "udp", "--dport", &port, "--rule-id", "21", "--ttl", "3s"]);
+    flow_add(
+        &lab,
+        &[
+            "--src",
+            &p1s,
+            "--dst",
+            &ext4,
+            "--proto",
+            "udp",
+            "--dport",
+            &port,
+            "--rule-id",
+            "21",
+            "--ttl",
+            "3s",
+        ],
+    );
     let added = Instant::now();
     assert!(udp_ok(lab.topology().p1(), udp.addr), "passes while live");
 
@@ -285,7 +354,23 @@ fn sigkill_during_traffic_lets_nothing_through_and_restart_keeps_enforcing() {
     let allowed = UdpEcho::start(lab.topology().external(), ip4(addr::EXT_V4));
     let denied = UdpEcho::start(lab.topology().external(), ip4(addr::EXT_V4));
     let port = allowed.addr.port().to_string();
-    flow_add(&lab, &["--src", &p1s, "--dst", &ext4, "--proto", "udp", "--dport", &port, "--rule-id", "31", "--ttl", "10m"]);
+    flow_add(
+        &lab,
+        &[
+            "--src",
+            &p1s,
+            "--dst",
+            &ext4,
+            "--proto",
+            "udp",
+            "--dport",
+            &port,
+            "--rule-id",
+            "31",
+            "--ttl",
+            "10m",
+        ],
+    );
 
     // A steady stream to both ports from the patient host.
     let stop = Arc::new(AtomicBool::new(false));

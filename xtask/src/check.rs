@@ -1,0 +1,106 @@
+//! `cargo xtask test` (what CI runs) and `cargo xtask bench`.
+
+use std::{process::Command, time::Duration};
+
+use anyhow::{bail, Result};
+
+use crate::step::{self, secs, Step};
+
+/// One step's outcome for the summary.
+struct Outcome {
+    name: &'static str,
+    took: Duration,
+    result: Result<(), String>,
+}
+
+pub fn run(quick: bool) -> Result<()> {
+    let mut outcomes = Vec::new();
+    let mut record = |name: &'static str, f: &mut dyn FnMut() -> Result<()>| {
+        let step = Step::start(name);
+        let result = f();
+        let took = match &result {
+            Ok(()) => step.ok(),
+            Err(e) => {
+                eprintln!("    {e:#}");
+                step.failed()
+            }
+        };
+        let ok = result.is_ok();
+        outcomes.push(Outcome { name, took, result: result.map_err(|e| format!("{e:#}")) });
+        ok
+    };
+
+    let mut ok = record("setup", &mut crate::setup::run);
+    if ok && !quick {
+        record("cargo fmt --all --check", &mut || {
+            step::run(step::cargo().args(["fmt", "--all", "--check"]))
+        });
+        record("clippy (host crates)", &mut || {
+            step::run(step::cargo().args([
+                "clippy",
+                "--workspace",
+                "--exclude",
+                "airlock-ebpf",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]))
+        });
+        record("clippy (eBPF programs, nightly, bpfel-unknown-none)", &mut ebpf_clippy);
+    }
+    if ok {
+        ok = record("build the agent", &mut || {
+            step::run(step::cargo().args(["build", "-p", "airlock-agent"]))
+        });
+    }
+    if ok {
+        record("cargo test (workspace, privileged tests included)", &mut || {
+            let bin = airlock_testbed::target_dir().join("debug").join("airlock-agent");
+            step::run(step::cargo().env("AIRLOCK_AGENT_BIN", bin).args([
+                "test",
+                "--workspace",
+                "--exclude",
+                "airlock-ebpf",
+            ]))
+        });
+    }
+
+    println!("\n==> summary");
+    for o in &outcomes {
+        let verdict = if o.result.is_ok() { "ok" } else { "FAILED" };
+        println!("    {:<54} {verdict:<7} {:>7}", o.name, secs(o.took));
+    }
+    let total: Duration = outcomes.iter().map(|o| o.took).sum();
+    println!("    {:<54} {:<7} {:>7}", "total", "", secs(total));
+    let failed: Vec<&str> = outcomes.iter().filter(|o| o.result.is_err()).map(|o| o.name).collect();
+    if !failed.is_empty() {
+        bail!("{} step(s) failed: {}", failed.len(), failed.join("; "));
+    }
+    Ok(())
+}
+
+/// The eBPF crate only builds for bpfel-unknown-none with nightly and
+/// build-std, from its own directory.
+fn ebpf_clippy() -> Result<()> {
+    let dir = airlock_testbed::workspace_root().join("ebpf/programs");
+    step::run(
+        Command::new("cargo")
+            .current_dir(dir)
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .args(["+nightly", "clippy", "-p", "airlock-ebpf", "--target", "bpfel-unknown-none"])
+            .args(["-Z", "build-std=core", "--", "-D", "warnings"]),
+    )
+}
+
+pub fn bench() -> Result<()> {
+    crate::setup::run()?;
+    let step = Step::start("cargo bench -p airlock-agent --bench dataplane");
+    step::run(step::cargo().args(["bench", "-p", "airlock-agent", "--bench", "dataplane"]))?;
+    step.ok();
+    println!(
+        "results: the Markdown table above, and {}",
+        airlock_testbed::target_dir().join("bench-dataplane.json").display()
+    );
+    Ok(())
+}

@@ -1,0 +1,96 @@
+//! `cargo xtask`: Airlock's task runner (setup, lab, test, bench).
+//!
+//! Every task prints one `==> ...` line per step and how it ended, so a CI
+//! log reads as a list of steps.
+
+mod check;
+mod lab;
+mod setup;
+mod step;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Airlock's task runner. Run as root: the lab and the tests use network
+/// namespaces, bpffs and XDP.
+#[derive(Debug, Parser)]
+#[command(name = "xtask", bin_name = "cargo xtask", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install what building and testing need (apt packages, rustup
+    /// components, bpf-linker built against nightly's LLVM) and mount
+    /// bpffs. Idempotent; quick when everything is present.
+    Setup,
+    /// The lab: a simulated hospital in network namespaces with the real
+    /// agent enforcing on the appliance.
+    #[command(subcommand)]
+    Lab(LabCommand),
+    /// Setup, fmt, clippy (host and eBPF), build the agent, run every test.
+    Test {
+        /// Skip fmt and clippy.
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Per-packet cost of the XDP boundary (BPF_PROG_TEST_RUN; root).
+    Bench,
+}
+
+#[derive(Debug, Subcommand)]
+enum LabCommand {
+    /// Build the lab and start the agent. In the foreground it prints the
+    /// agent's counters every 5 s and tears everything down on Ctrl-C.
+    Up {
+        /// Return once the agent enforces; the lab keeps running until
+        /// `cargo xtask lab down`.
+        #[arg(long)]
+        detach: bool,
+        /// Namespace prefix: namespaces are <prefix>-p1, -p2, -psw, -app, -ext.
+        #[arg(long, default_value = lab::DEFAULT_PREFIX)]
+        prefix: String,
+    },
+    /// Show the lab: namespaces, addresses, agent. Exit 1 if there is none.
+    Status {
+        /// Print the stable JSON document (see airlock_testbed::LabStatus).
+        #[arg(long)]
+        json: bool,
+        /// Namespace prefix.
+        #[arg(long, default_value = lab::DEFAULT_PREFIX)]
+        prefix: String,
+    },
+    /// Stop the agent, detach the boundary, delete the namespaces and the
+    /// lab's state. Idempotent.
+    Down {
+        /// Namespace prefix.
+        #[arg(long, default_value = lab::DEFAULT_PREFIX)]
+        prefix: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    step::ensure_cargo_bin_on_path();
+    let result = match cli.command {
+        Command::Setup => setup::run(),
+        Command::Lab(LabCommand::Up { detach, prefix }) => lab::up(&prefix, detach),
+        Command::Lab(LabCommand::Status { json, prefix }) => lab::status(&prefix, json),
+        Command::Lab(LabCommand::Down { prefix }) => lab::down(&prefix),
+        Command::Test { quick } => check::run(quick),
+        Command::Bench => check::bench(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! `cargo xtask setup`: everything building and testing need, idempotently.
+
+use std::{
+    os::unix::fs::symlink,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::step::{capture, cargo_bin_dir, run as run_cmd, Step};
+
+/// Debian packages the lab and the tests use.
+const APT_PACKAGES: &[&str] = &[
+    "nftables",
+    "iproute2",
+    "bpftool",
+    "wireguard-tools",
+    "wireguard-go",
+    "python3-scapy",
+    "iperf3",
+    "netsniff-ng",
+    "tcpdump",
+    "ethtool",
+    "iputils-ping",
+    "util-linux",
+];
+
+/// Rustup components per toolchain.
+const COMPONENTS: &[(&str, &[&str])] =
+    &[("stable", &["rustfmt", "clippy"]), ("nightly", &["rust-src", "clippy"])];
+
+/// bpf-linker must use the LLVM of the nightly that builds the eBPF crate.
+const LLVM_MAJOR: u32 = 22;
+const BPF_LINKER_VERSION: &str = "^0.13";
+
+pub fn run() -> Result<()> {
+    apt_packages()?;
+    rust_components()?;
+    bpf_linker()?;
+    bpffs()
+}
+
+fn apt_packages() -> Result<()> {
+    let step = Step::start(format!("checking apt packages ({})", APT_PACKAGES.len()));
+    let missing: Vec<&str> = APT_PACKAGES.iter().copied().filter(|p| !dpkg_installed(p)).collect();
+    if missing.is_empty() {
+        step.ok_with("all present");
+        return Ok(());
+    }
+    step.ok_with(format!("missing: {}", missing.join(" ")));
+    let step = Step::start(format!("installing apt packages: {}", missing.join(" ")));
+    let apt = |args: &[&str]| {
+        let mut cmd = Command::new("apt-get");
+        cmd.env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["-o", "DPkg::Lock::Timeout=600"])
+            .args(args);
+        cmd
+    };
+    run_cmd(&mut apt(&["update"]))?;
+    run_cmd(apt(&["install", "-y", "--no-install-recommends"]).args(&missing))?;
+    step.ok();
+    Ok(())
+}
+
+fn dpkg_installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|o| o.status.success() && o.stdout.ends_with(b"install ok installed"))
+}
+
+fn rust_components() -> Result<()> {
+    for (toolchain, wanted) in COMPONENTS {
+        let step = Step::start(format!("checking rustup components for {toolchain}"));
+        let installed = capture(Command::new("rustup").args([
+            "component",
+            "list",
+            "--toolchain",
+            toolchain,
+            "--installed",
+        ]))?;
+        let missing: Vec<&str> = wanted
+            .iter()
+            .copied()
+            .filter(|c| !installed.lines().any(|l| component_matches(l.trim(), c)))
+            .collect();
+        if missing.is_empty() {
+            step.ok_with(format!("{} present", wanted.join(", ")));
+            continue;
+        }
+        println!("    adding: {}", missing.join(" "));
+        run_cmd(
+            Command::new("rustup")
+                .args(["component", "add", "--toolchain", toolchain])
+                .args(&missing),
+        )?;
+        step.ok();
+    }
+    Ok(())
+}
+
+/// `clippy-x86_64-unknown-linux-gnu` and `rust-src` both name their
+/// component; a target triple starts with an architecture that has a digit
+/// (x86_64, aarch64, i686, riscv64gc), a component name part never does.
+fn component_matches(line: &str, component: &str) -> bool {
+    line == component
+        || line.strip_prefix(component).and_then(|rest| rest.strip_prefix('-')).is_some_and(
+            |triple| {
+                triple.split('-').count() >= 3
+                    && triple
+                        .split('-')
+                        .next()
+                        .is_some_and(|arch| arch.contains(|c: char| c.is_ascii_digit()))
+            },
+        )
+}
+
+fn bpf_linker() -> Result<()> {
+    let step = Step::start("checking bpf-linker");
+    let mut candidates = vec![PathBuf::from("bpf-linker")];
+    candidates.extend(cargo_bin_dir().map(|d| d.join("bpf-linker")));
+    for bin in &candidates {
+        if let Ok(v) = capture(Command::new(bin).arg("--version")) {
+            step.ok_with(v.trim());
+            return Ok(());
+        }
+    }
+    step.ok_with("missing");
+    let step = Step::start(format!("building bpf-linker against nightly's LLVM {LLVM_MAJOR}"));
+    let prefix = llvm_prefix()?;
+    run_cmd(
+        Command::new("cargo")
+            .env("LLVM_PREFIX", &prefix)
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+            .args(["--no-default-features", "--features", &format!("llvm-{LLVM_MAJOR}")]),
+    )?;
+    step.ok();
+    Ok(())
+}
+
+/// `$HOME/.cache/airlock/llvm` whose `lib/` links to nightly's libLLVM, as
+/// `libLLVM.so` (to link against) and under its own name (to run with).
+fn llvm_prefix() -> Result<PathBuf> {
+    let sysroot =
+        capture(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))?;
+    let sys_lib = Path::new(sysroot.trim()).join("lib");
+    let wanted = format!("libLLVM.so.{LLVM_MAJOR}.");
+    let lib = std::fs::read_dir(&sys_lib)
+        .with_context(|| format!("reading {}", sys_lib.display()))?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .find(|n| n.starts_with(&wanted) && n.contains("-rust-") && n.ends_with("-nightly"));
+    let Some(lib) = lib else {
+        bail!(
+            "no {wanted}*-rust-*-nightly in {}: is the nightly toolchain installed?",
+            sys_lib.display()
+        );
+    };
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    let prefix = Path::new(&home).join(".cache/airlock/llvm");
+    let dir = prefix.join("lib");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    for name in ["libLLVM.so", lib.as_str()] {
+        let link = dir.join(name);
+        if link.symlink_metadata().is_ok() {
+            std::fs::remove_file(&link).with_context(|| format!("replacing {}", link.display()))?;
+        }
+        symlink(sys_lib.join(&lib), &link)
+            .with_context(|| format!("linking {}", link.display()))?;
+    }
+    Ok(prefix)
+}
+
+fn bpffs() -> Result<()> {
+    let step = Step::start(format!("checking bpffs at {}", airlock_testbed::BPFFS));
+    if airlock_testbed::bpffs_mounted() {
+        step.ok_with("mounted");
+        return Ok(());
+    }
+    airlock_testbed::ensure_bpffs().context("mounting bpffs")?;
+    step.ok_with("mounted now");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn components_match_with_or_without_target() {
+        assert!(component_matches("clippy-x86_64-unknown-linux-gnu", "clippy"));
+        assert!(component_matches("rust-src", "rust-src"));
+        assert!(component_matches("rustfmt-x86_64-unknown-linux-gnu", "rustfmt"));
+        assert!(!component_matches("rust-std-x86_64-unknown-linux-gnu", "rust-src"));
+        assert!(!component_matches("rust-src-extra", "rust-src"));
+        assert!(!component_matches("rust-docs-x86_64-unknown-linux-gnu", "rust"));
+    }
+}

@@ -6,7 +6,7 @@
 //! drop (the program built without drop events), a drop under a flood (event
 //! budget spent: what a flood of disallowed packets costs), and a drop that
 //! writes a ring-buffer event. Results: a Markdown table on stdout and
-//! `target/bench-dataplane.json`. Figures are medians of 7 runs; each run is
+//! `target/bench-dataplane.json`. Figures are medians of 11 runs; each run is
 //! the kernel's average over `repeat` executions.
 
 use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
@@ -21,7 +21,7 @@ use aya::{
 };
 
 const SIZES: [u32; 3] = [10, 10_000, 100_000];
-const RUNS: usize = 7;
+const RUNS: usize = 11;
 const REPEAT: u32 = 200_000;
 /// Events per run for the event path: small enough that the ring never fills.
 const EVENT_REPEAT: u32 = 2_000;

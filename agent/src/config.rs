@@ -293,11 +293,11 @@ impl AgentConfig {
                 "must be at least 1024: replies may never reach privileged ports",
             );
         }
-        if d.gc_interval_secs == 0 {
-            issue("dataplane.gc_interval_secs".into(), "must be at least 1");
+        if !(1..=86_400).contains(&d.gc_interval_secs) {
+            issue("dataplane.gc_interval_secs".into(), "must be between 1 and 86400");
         }
-        if self.log.counters_interval_secs == 0 {
-            issue("log.counters_interval_secs".into(), "must be at least 1");
+        if !(1..=86_400).contains(&self.log.counters_interval_secs) {
+            issue("log.counters_interval_secs".into(), "must be between 1 and 86400");
         }
         out
     }
@@ -355,6 +355,7 @@ role = "patient"
 [dataplane]
 reply_min_port = 80
 max_flows = 0
+gc_interval_secs = 9223372036854775807
 "#;
         let e = AgentConfig::parse(bad).unwrap_err();
         let at: Vec<_> = e.issues.iter().map(|i| i.at.as_str()).collect();
@@ -367,10 +368,11 @@ max_flows = 0
                 "port[2].name",
                 "port",
                 "dataplane.max_flows",
-                "dataplane.reply_min_port"
+                "dataplane.reply_min_port",
+                "dataplane.gc_interval_secs"
             ]
         );
-        assert!(e.to_string().contains("7 configuration problems"), "{e}");
+        assert!(e.to_string().contains("8 configuration problems"), "{e}");
     }
 
     #[test]

@@ -99,6 +99,17 @@ pub enum DataplaneError {
     /// The kernel attached through netlink, which cannot be pinned.
     #[error("port {0}: the kernel did not create a bpf_link (needs Linux >= 5.9); refusing an unpinnable attachment")]
     NotALink(String),
+    /// Interfaces that no program guards would be routed through.
+    #[error("refusing to turn on forwarding: interface(s) {0:?} are not boundary ports (add them to the configuration or remove them)")]
+    ForeignInterfaces(Vec<String>),
+    /// The pins belong to ports of another network namespace.
+    #[error("the pins under {pins} belong to interfaces that are not here ({detail}); run this inside the appliance's network namespace (nsenter --net=...), or pass --force")]
+    WrongNamespace {
+        /// The link pin directory.
+        pins: PathBuf,
+        /// Which pin does not match.
+        detail: String,
+    },
     /// Pinning a link failed.
     #[error("cannot pin the link of port {port}")]
     PinLink {
@@ -234,9 +245,41 @@ impl Dataplane {
             info!(port = %p.name, ifindex, role = role.as_str(), attachment = ?how, "port enforcing");
         }
         if cfg.dataplane.enable_forwarding {
+            let names: Vec<&str> = ports.iter().map(|(n, _, _)| n.as_str()).collect();
+            let foreign = netif::foreign_interfaces(&names)?;
+            if !foreign.is_empty() {
+                netif::set_forwarding(false)?;
+                return Err(DataplaneError::ForeignInterfaces(foreign));
+            }
             netif::set_forwarding(true)?;
         }
         Ok(Self { _ebpf: ebpf, maps, ports })
+    }
+
+    /// What is wrong with the boundary now: a port gone or recreated under
+    /// another ifindex (its new device has no program), a link pin removed, or
+    /// an interface that is not a port. Empty when healthy.
+    pub fn problems(&self, cfg: &AgentConfig) -> Vec<String> {
+        let layout = cfg.pins();
+        let mut out = Vec::new();
+        for (name, ifindex, _) in &self.ports {
+            match netif::ifindex(name) {
+                Ok(i) if i == *ifindex => {
+                    if !layout.link(name, i).exists() {
+                        out.push(format!("port {name}: link pin missing"));
+                    }
+                }
+                Ok(i) => out.push(format!("port {name}: recreated (ifindex {ifindex} -> {i})")),
+                Err(_) => out.push(format!("port {name}: gone")),
+            }
+        }
+        let names: Vec<&str> = self.ports.iter().map(|(n, _, _)| n.as_str()).collect();
+        match netif::foreign_interfaces(&names) {
+            Ok(f) if !f.is_empty() => out.push(format!("interfaces that are not ports: {f:?}")),
+            Ok(_) => {}
+            Err(e) => out.push(format!("cannot list interfaces: {e}")),
+        }
+        out
     }
 
     /// Re-reads the ports' addresses into `LOCAL_ADDRS`.
@@ -345,8 +388,11 @@ fn remove_stale_link_pins(
 /// Removes the boundary: forwarding off first (so nothing crosses once the
 /// programs are gone), then every link pin (detaching the programs), then the
 /// map pins. The agent daemon must be stopped: it holds the links open.
-pub fn detach(cfg: &AgentConfig) -> Result<usize, DataplaneError> {
+pub fn detach(cfg: &AgentConfig, force: bool) -> Result<usize, DataplaneError> {
     let layout = cfg.pins();
+    if !force {
+        check_pins_are_here(&layout)?;
+    }
     netif::set_forwarding(false)?;
     let mut removed = 0;
     for dir in [layout.links(), layout.maps()] {
@@ -370,4 +416,30 @@ pub fn detach(cfg: &AgentConfig) -> Result<usize, DataplaneError> {
         }
     }
     Ok(removed)
+}
+
+/// Refuses when a link pin names a port whose ifindex differs here: the caller
+/// is in another network namespace, and switching forwarding off *here* while
+/// unpinning the appliance's links would leave the appliance forwarding with
+/// no program.
+fn check_pins_are_here(layout: &PinLayout) -> Result<(), DataplaneError> {
+    let dir = layout.links();
+    let rd = match std::fs::read_dir(&dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => return Err(DataplaneError::PinDir { path: dir, source }),
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some((port, idx)) = name.rsplit_once('@') else { continue };
+        let here = netif::ifindex(port).ok().map(|i| i.to_string());
+        if here.as_deref() != Some(idx) {
+            let detail = match here {
+                Some(i) => format!("{port} is ifindex {i} here, the pin says {idx}"),
+                None => format!("no interface {port} here"),
+            };
+            return Err(DataplaneError::WrongNamespace { pins: dir, detail });
+        }
+    }
+    Ok(())
 }

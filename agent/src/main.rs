@@ -13,7 +13,7 @@ use airlock_ebpf_common::layout::{Counter, Reason};
 use airlock_policy::{Expiry, Flow, FlowEntry, Ingress, Protocol};
 use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 /// The Airlock appliance agent: enforces the patient-network boundary with XDP.
 #[derive(Debug, Parser)]
@@ -48,8 +48,13 @@ enum Command {
         json: bool,
     },
     /// Remove the boundary from every port: forwarding off, links and maps unpinned.
-    /// Stop `run` first.
-    Detach,
+    /// Stop `run` first, and run it in the appliance's network namespace.
+    Detach {
+        /// Remove the pins even when they name interfaces that are not in this
+        /// namespace (forwarding is still switched off here).
+        #[arg(long)]
+        force: bool,
+    },
     /// Configuration tools.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -121,6 +126,9 @@ enum IngressArg {
     Uplink,
 }
 
+/// The longest lifetime a timed entry may have.
+const MAX_TTL: Duration = Duration::from_secs(90 * 86_400);
+
 /// Bad input (exit 2) versus failures (exit 1).
 #[derive(Debug)]
 enum Failure {
@@ -140,6 +148,12 @@ fn usage(e: impl Into<anyhow::Error>) -> Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run { .. }) {
+        // A closed pipe (`flow list | head`) ends a CLI command quietly, as
+        // for other Unix tools, instead of panicking in println!.
+        // SAFETY: restoring the default disposition of a signal.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
@@ -178,8 +192,8 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
         }
         Command::Flow(cmd) => flow(&cfg.pins(), cmd),
         Command::Stats { json } => stats(&cfg.pins(), json),
-        Command::Detach => {
-            let n = dataplane::detach(&cfg)?;
+        Command::Detach { force } => {
+            let n = dataplane::detach(&cfg, force)?;
             println!("detached: forwarding off, {n} pins removed");
             Ok(())
         }
@@ -215,7 +229,14 @@ fn flow(layout: &PinLayout, cmd: FlowCommand) -> Result<(), Failure> {
         } => {
             let f = parse_flow(&flow)?;
             let expiry = match ttl {
-                Some(d) => Expiry::At(clock::monotonic_ns().saturating_add(d.as_nanos() as u64)),
+                Some(d) if d > MAX_TTL => {
+                    return Err(usage(anyhow::anyhow!(
+                        "--ttl {}s is longer than the {}-day maximum; standing rules are --infrastructure",
+                        d.as_secs(),
+                        MAX_TTL.as_secs() / 86_400
+                    )))
+                }
+                Some(d) => Expiry::At(clock::monotonic_ns().saturating_add(d.as_secs() * 1_000_000_000)),
                 None => Expiry::Infrastructure,
             };
             let ingress = match ingress {
@@ -413,6 +434,21 @@ async fn run(cfg: AgentConfig, ready_file: Option<PathBuf>) -> Result<()> {
                 }
                 if let Err(e) = dp.refresh_local_addrs() {
                     warn!(error = %e, "cannot refresh local addresses");
+                }
+                let problems = dp.problems(&cfg);
+                if !problems.is_empty() {
+                    // Fail closed first, then try to restore the boundary.
+                    if let Err(e) = airlock_agent::netif::set_forwarding(false) {
+                        error!(error = %e, "cannot switch forwarding off");
+                    }
+                    error!(?problems, "boundary degraded: forwarding off; re-attaching");
+                    match Dataplane::install(&cfg) {
+                        Ok(new) => {
+                            dp = new;
+                            info!(forwarding = airlock_agent::netif::forwarding(), "boundary restored");
+                        }
+                        Err(e) => error!(error = %format!("{e:#}"), "re-attach failed; forwarding stays off"),
+                    }
                 }
             }
             guard = events.readable_mut() => {

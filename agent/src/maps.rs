@@ -226,12 +226,22 @@ impl Maps {
             .filter(|(_, v)| expired(v, now_ns))
             .map(|(k, _)| k)
             .collect();
-        let n = dead4.len() + dead6.len();
+        // Re-read each value before deleting it: an entry re-added since the
+        // scan must survive.
+        let mut n = 0;
         for k in dead4 {
-            ignore_missing(self.flows_v4.remove(&k)).map_err(op("remove", map_names::FLOWS_V4))?;
+            if self.flows_v4.get(&k, 0).is_ok_and(|v| expired(&v, now_ns)) {
+                ignore_missing(self.flows_v4.remove(&k))
+                    .map_err(op("remove", map_names::FLOWS_V4))?;
+                n += 1;
+            }
         }
         for k in dead6 {
-            ignore_missing(self.flows_v6.remove(&k)).map_err(op("remove", map_names::FLOWS_V6))?;
+            if self.flows_v6.get(&k, 0).is_ok_and(|v| expired(&v, now_ns)) {
+                ignore_missing(self.flows_v6.remove(&k))
+                    .map_err(op("remove", map_names::FLOWS_V6))?;
+                n += 1;
+            }
         }
         Ok(n)
     }

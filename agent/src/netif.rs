@@ -39,6 +39,32 @@ pub fn ifindex(name: &str) -> Result<u32, NetifError> {
     }
 }
 
+/// Names of every interface in this network namespace.
+pub fn interfaces() -> Result<Vec<String>, NetifError> {
+    // SAFETY: if_nameindex returns a heap array terminated by a zero entry, or NULL.
+    let head = unsafe { libc::if_nameindex() };
+    if head.is_null() {
+        return Err(NetifError::Addresses(std::io::Error::last_os_error()));
+    }
+    let mut out = Vec::new();
+    let mut cur = head;
+    // SAFETY: walk until the terminating entry (index 0, NULL name); freed below.
+    unsafe {
+        while (*cur).if_index != 0 && !(*cur).if_name.is_null() {
+            out.push(CStr::from_ptr((*cur).if_name).to_string_lossy().into_owned());
+            cur = cur.add(1);
+        }
+        libc::if_freenameindex(head);
+    }
+    Ok(out)
+}
+
+/// Interfaces other than loopback that are not among `ports`: traffic entering
+/// them would be routed without passing any Airlock program.
+pub fn foreign_interfaces(ports: &[&str]) -> Result<Vec<String>, NetifError> {
+    Ok(interfaces()?.into_iter().filter(|n| n != "lo" && !ports.contains(&n.as_str())).collect())
+}
+
 /// Every address configured on the named interfaces, as `LOCAL_ADDRS` keys.
 pub fn local_addrs(ports: &[(String, u32)]) -> Result<BTreeSet<LocalAddrKeyOrd>, NetifError> {
     let mut out = BTreeSet::new();
@@ -126,6 +152,13 @@ mod tests {
         assert!(ifindex("lo").is_ok());
         assert!(matches!(ifindex("no-such-if0"), Err(NetifError::NoSuchInterface(_))));
         assert!(matches!(ifindex("bad\0name"), Err(NetifError::NoSuchInterface(_))));
+    }
+
+    #[test]
+    fn interfaces_include_loopback() {
+        let all = interfaces().unwrap();
+        assert!(all.iter().any(|n| n == "lo"), "{all:?}");
+        assert!(!foreign_interfaces(&[]).unwrap().contains(&"lo".to_owned()));
     }
 
     #[test]

@@ -69,6 +69,10 @@ pub struct AgentOptions {
     pub bin: Option<PathBuf>,
     /// How long to wait for "enforcing".
     pub ready_timeout: Duration,
+    /// Kill the agent when the thread that started it dies (tests: an
+    /// interrupted `cargo test` leaves no agent behind). Off for `lab up
+    /// --detach`, whose agent must outlive xtask.
+    pub die_with_parent: bool,
 }
 
 impl AgentOptions {
@@ -80,6 +84,7 @@ impl AgentOptions {
             config: AgentConfig::for_lab(prefix),
             bin: None,
             ready_timeout: DEFAULT_READY_TIMEOUT,
+            die_with_parent: true,
         }
     }
 }
@@ -116,6 +121,7 @@ pub struct Agent {
     child: Option<Child>,
     ready_timeout: Duration,
     detached: bool,
+    die_with_parent: bool,
 }
 
 impl Agent {
@@ -145,6 +151,7 @@ impl Agent {
             child: None,
             ready_timeout: opts.ready_timeout,
             detached: false,
+            die_with_parent: opts.die_with_parent,
         };
         // From here on, Drop cleans up whatever happens.
         agent.spawn()?;
@@ -173,11 +180,17 @@ impl Agent {
             .stdout(log)
             .stderr(log2);
         // SAFETY: the closure runs in the forked child before exec and only
-        // calls setsid, which is async-signal-safe. Its own session keeps the
-        // agent out of the terminal's Ctrl-C and lets it outlive us.
+        // calls setsid and prctl, which are async-signal-safe. Its own session
+        // keeps the agent out of the terminal's Ctrl-C; PDEATHSIG (kept across
+        // nsenter's exec) kills it with the thread that started it unless it
+        // must outlive us.
+        let die_with_parent = self.die_with_parent;
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if die_with_parent && libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())

@@ -23,6 +23,8 @@ pub struct LabOptions {
     pub agent_bin: Option<PathBuf>,
     /// How long to wait for "enforcing".
     pub ready_timeout: Duration,
+    /// See [`AgentOptions::die_with_parent`].
+    pub die_with_parent: bool,
 }
 
 impl LabOptions {
@@ -34,6 +36,7 @@ impl LabOptions {
             config: AgentConfig::for_lab(prefix),
             agent_bin: None,
             ready_timeout: DEFAULT_READY_TIMEOUT,
+            die_with_parent: true,
         }
     }
 }
@@ -66,6 +69,7 @@ impl Lab {
             config: opts.config,
             bin: opts.agent_bin,
             ready_timeout: opts.ready_timeout,
+            die_with_parent: opts.die_with_parent,
         })?;
         Ok(Lab { agent, topology })
     }

@@ -328,7 +328,7 @@ fn expiry_is_enforced_by_the_kernel_with_the_agent_stopped() {
             "--rule-id",
             "21",
             "--ttl",
-            "3s",
+            "6s",
         ],
     );
     let added = Instant::now();
@@ -336,7 +336,7 @@ fn expiry_is_enforced_by_the_kernel_with_the_agent_stopped() {
 
     lab.agent_mut().stop().expect("stop the agent");
     assert!(udp_ok(lab.topology().p1(), udp.addr), "still passes with the agent stopped (pinned)");
-    let expiry = Duration::from_secs(3) + Duration::from_millis(100);
+    let expiry = Duration::from_secs(6) + Duration::from_millis(100);
     if let Some(left) = expiry.checked_sub(added.elapsed()) {
         thread::sleep(left);
     }
@@ -466,4 +466,160 @@ fn odd_packets_are_dropped_and_counted_by_reason() {
         assert!(got >= n, "{reason}: {got} counted, {n} sent; {}", after.summary());
     }
     assert_eq!(after.packets("pass_flow") + after.packets("pass_reply"), 0, "{}", after.summary());
+}
+
+/// Sends `count` copies of a scapy frame expression from `ns`'s eth0 to the
+/// MAC of `peer_if` in `peer`.
+fn scapy_send(ns: &NetNs, peer: &NetNs, peer_if: &str, frame: &str, count: u32) {
+    let mac = |ns: &NetNs, ifname: &str| {
+        ns.exec("cat", &[&format!("/sys/class/net/{ifname}/address")])
+            .expect("MAC")
+            .trim()
+            .to_owned()
+    };
+    let (src, dst) = (mac(ns, "eth0"), mac(peer, peer_if));
+    let code = format!(
+        "from scapy.all import *\nconf.verb=0\n\
+         sendp(Ether(src='{src}', dst='{dst}')/{frame}, iface='eth0', count={count})\n"
+    );
+    ns.exec("/usr/bin/python3", &["-c", &code]).expect("scapy");
+}
+
+#[test]
+fn reply_rules_are_enforced_in_the_kernel() {
+    let lab = lab();
+    let t = lab.topology();
+    let (p1s, ext4) = (addr::P1_V4.to_string(), addr::EXT_V4.to_string());
+    flow_add(
+        &lab,
+        &[
+            "--src",
+            &p1s,
+            "--dst",
+            &ext4,
+            "--proto",
+            "tcp",
+            "--dport",
+            "443",
+            "--rule-id",
+            "41",
+            "--ttl",
+            "10m",
+        ],
+    );
+    let before = stats(&lab);
+    let ip = |s: &str, d: &str| format!("IP(src='{s}', dst='{d}')");
+    // The service may not open connections back, nor reach privileged ports.
+    scapy_send(
+        t.external(),
+        t.appliance(),
+        "uplink0",
+        &format!("{}/TCP(sport=443, dport=40000, flags='S')", ip(&ext4, &p1s)),
+        3,
+    );
+    scapy_send(
+        t.external(),
+        t.appliance(),
+        "uplink0",
+        &format!("{}/TCP(sport=443, dport=22, flags='A')", ip(&ext4, &p1s)),
+        3,
+    );
+    // The forward direction arriving on the uplink is spoofed.
+    scapy_send(
+        t.external(),
+        t.appliance(),
+        "uplink0",
+        &format!("{}/TCP(sport=40000, dport=443, flags='S')", ip(&p1s, &ext4)),
+        3,
+    );
+    // A proper reply passes.
+    scapy_send(
+        t.external(),
+        t.appliance(),
+        "uplink0",
+        &format!("{}/TCP(sport=443, dport=40000, flags='SA')", ip(&ext4, &p1s)),
+        3,
+    );
+    thread::sleep(Duration::from_millis(300));
+    let after = stats(&lab);
+    let d = |r: &str| after.packets(r) - before.packets(r);
+    assert_eq!(d("drop_reply_syn"), 3, "{}", after.summary());
+    assert_eq!(d("drop_reply_port"), 3, "{}", after.summary());
+    assert_eq!(d("drop_wrong_port"), 3, "{}", after.summary());
+    assert_eq!(d("pass_reply"), 3, "{}", after.summary());
+}
+
+#[test]
+fn drop_events_reach_the_log_and_a_flood_is_rate_limited() {
+    let lab = lab();
+    let t = lab.topology();
+    let to = SocketAddr::new(ip4(addr::EXT_V4), 9);
+    t.p1()
+        .run(move || -> std::io::Result<()> {
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            for _ in 0..5_000 {
+                let _ = s.send_to(b"flood", to);
+            }
+            Ok(())
+        })
+        .expect("enter namespace")
+        .expect("flood");
+    // The agent drains the ring buffer as events arrive.
+    let deadline = Instant::now() + OPEN;
+    while !lab.agent().log().contains("reason=\"drop_no_flow\"") && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    let log = lab.agent().log();
+    let line =
+        log.lines().find(|l| l.contains("reason=\"drop_no_flow\"")).expect("a drop event logged");
+    assert!(line.contains("dst=Some(10.78.0.100)") && line.contains("dport=9"), "{line}");
+    let s = stats(&lab);
+    assert!(s.packets("drop_no_flow") >= 5_000, "{}", s.summary());
+    assert!(s.packets("events_sent") > 0, "{}", s.summary());
+    // 200 events per CPU per second: most of a 5,000-packet burst is only counted.
+    assert!(s.packets("events_suppressed") >= 4_000, "{}", s.summary());
+}
+
+#[test]
+fn an_unguarded_interface_turns_forwarding_off_until_it_is_gone() {
+    let lab = lab();
+    let app = lab.topology().appliance();
+    assert_eq!(app.read_sysctl("net.ipv4.ip_forward").expect("sysctl"), "1");
+    app.ip(&["link", "add", "sneaky0", "type", "veth", "peer", "name", "sneaky1"])
+        .expect("add interface");
+    let wait_for = |want: &str| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while app.read_sysctl("net.ipv4.ip_forward").expect("sysctl") != want {
+            assert!(
+                Instant::now() < deadline,
+                "forwarding never became {want}: {}",
+                lab.agent().log_tail(10)
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_for("0");
+    assert!(lab.agent().log().contains("boundary degraded"), "{}", lab.agent().log_tail(10));
+    app.ip(&["link", "del", "sneaky0"]).expect("remove interface");
+    wait_for("1");
+    assert!(lab.agent().log().contains("boundary restored"), "{}", lab.agent().log_tail(10));
+    assert!(!ping_ok(lab.topology().p1(), ip4(addr::EXT_V4)), "still default deny");
+}
+
+#[test]
+fn detach_outside_the_appliance_namespace_is_refused() {
+    let lab = lab();
+    let r = lab.agent().record();
+    let out = std::process::Command::new(&r.bin)
+        .args(["--config", &r.config.to_string_lossy(), "detach"])
+        .output()
+        .expect("run the agent binary in the host namespace");
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("appliance's network namespace"));
+    assert!(r.pin_dir.exists(), "pins untouched");
+    assert!(
+        !tcp_ok(lab.topology().p1(), SocketAddr::new(ip4(addr::EXT_V4), 80)),
+        "still enforcing"
+    );
+    assert_eq!(lab.topology().appliance().read_sysctl("net.ipv4.ip_forward").expect("sysctl"), "1");
 }

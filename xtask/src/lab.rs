@@ -34,6 +34,15 @@ struct LabRecord {
     agent: AgentRecord,
 }
 
+/// The status of lab `prefix` when it runs completely (all namespaces, the
+/// agent alive), so that `lab up` can say so instead of failing.
+fn healthy_lab(prefix: &str) -> Option<LabStatus> {
+    let record = read_record(prefix).ok()??;
+    let status = LabStatus::probe(prefix, Some(&record.agent));
+    (status.state == airlock_testbed::LabState::Running && record.agent.is_alive())
+        .then_some(status)
+}
+
 fn state_dir(prefix: &str) -> PathBuf {
     Path::new(STATE_ROOT).join(prefix)
 }
@@ -57,6 +66,12 @@ fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
 pub fn up(prefix: &str, detach: bool) -> Result<()> {
     names::validate_prefix(prefix)?;
     let existing = names::lab_namespaces(prefix);
+    if let Some(status) = healthy_lab(prefix) {
+        println!("lab '{prefix}' is already up and enforcing; nothing to do");
+        println!("{status}");
+        println!("  (`cargo xtask lab down --prefix {prefix}` removes it)");
+        return Ok(());
+    }
     if state_dir(prefix).exists() || !existing.is_empty() {
         bail!(
             "a lab with prefix '{prefix}' exists already ({}); \
@@ -97,6 +112,7 @@ fn start(prefix: &str, bin: &Path, dir: &Path, detach: bool) -> Result<()> {
     let lab = Lab::start_with(LabOptions {
         state_dir: Some(dir.join("agent")),
         agent_bin: Some(bin.to_owned()),
+        die_with_parent: !detach,
         ..LabOptions::new(prefix)
     })?;
     let record = LabRecord {

@@ -30,8 +30,8 @@ const APT_PACKAGES: &[&str] = &[
 const COMPONENTS: &[(&str, &[&str])] =
     &[("stable", &["rustfmt", "clippy"]), ("nightly", &["rust-src", "clippy"])];
 
-/// bpf-linker must use the LLVM of the nightly that builds the eBPF crate.
-const LLVM_MAJOR: u32 = 22;
+/// bpf-linker must use the LLVM of the nightly that builds the eBPF crate; its
+/// major version is read from nightly's `libLLVM.so.<major>.*` (22 today).
 const BPF_LINKER_VERSION: &str = "^0.13";
 
 pub fn run() -> Result<()> {
@@ -71,6 +71,20 @@ fn dpkg_installed(package: &str) -> bool {
 }
 
 fn rust_components() -> Result<()> {
+    let step = Step::start("checking the nightly toolchain (builds the eBPF programs)");
+    if capture(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])).is_ok() {
+        step.ok_with("present");
+    } else {
+        println!("    installing nightly (minimal profile)");
+        run_cmd(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
+        step.ok();
+    }
     for (toolchain, wanted) in COMPONENTS {
         let step = Step::start(format!("checking rustup components for {toolchain}"));
         let installed = capture(Command::new("rustup").args([
@@ -127,36 +141,38 @@ fn bpf_linker() -> Result<()> {
         }
     }
     step.ok_with("missing");
-    let step = Step::start(format!("building bpf-linker against nightly's LLVM {LLVM_MAJOR}"));
-    let prefix = llvm_prefix()?;
+    let (prefix, major) = llvm_prefix()?;
+    let step = Step::start(format!("building bpf-linker against nightly's LLVM {major} (~1 min)"));
     run_cmd(
         Command::new("cargo")
             .env("LLVM_PREFIX", &prefix)
             .env_remove("RUSTUP_TOOLCHAIN")
             .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
-            .args(["--no-default-features", "--features", &format!("llvm-{LLVM_MAJOR}")]),
+            .args(["--no-default-features", "--features", &format!("llvm-{major}")]),
     )?;
     step.ok();
     Ok(())
 }
 
 /// `$HOME/.cache/airlock/llvm` whose `lib/` links to nightly's libLLVM, as
-/// `libLLVM.so` (to link against) and under its own name (to run with).
-fn llvm_prefix() -> Result<PathBuf> {
+/// `libLLVM.so` (to link against) and under its own name (to run with); also
+/// returns LLVM's major version.
+fn llvm_prefix() -> Result<(PathBuf, u32)> {
     let sysroot =
         capture(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))?;
     let sys_lib = Path::new(sysroot.trim()).join("lib");
-    let wanted = format!("libLLVM.so.{LLVM_MAJOR}.");
     let lib = std::fs::read_dir(&sys_lib)
         .with_context(|| format!("reading {}", sys_lib.display()))?
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .find(|n| n.starts_with(&wanted) && n.contains("-rust-") && n.ends_with("-nightly"));
+        .find(|n| n.starts_with("libLLVM.so.") && n.contains("-rust-") && n.ends_with("-nightly"));
     let Some(lib) = lib else {
         bail!(
-            "no {wanted}*-rust-*-nightly in {}: is the nightly toolchain installed?",
+            "no libLLVM.so.*-rust-*-nightly in {}: is the nightly toolchain installed?",
             sys_lib.display()
         );
     };
+    let major =
+        llvm_major(&lib).with_context(|| format!("cannot read the LLVM version from {lib}"))?;
     let home = std::env::var_os("HOME").context("HOME is not set")?;
     let prefix = Path::new(&home).join(".cache/airlock/llvm");
     let dir = prefix.join("lib");
@@ -169,7 +185,12 @@ fn llvm_prefix() -> Result<PathBuf> {
         symlink(sys_lib.join(&lib), &link)
             .with_context(|| format!("linking {}", link.display()))?;
     }
-    Ok(prefix)
+    Ok((prefix, major))
+}
+
+/// `libLLVM.so.22.1-rust-1.97.0-nightly` → 22.
+fn llvm_major(lib: &str) -> Option<u32> {
+    lib.strip_prefix("libLLVM.so.")?.split(['.', '-']).next()?.parse().ok()
 }
 
 fn bpffs() -> Result<()> {
@@ -186,6 +207,13 @@ fn bpffs() -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn llvm_major_from_library_name() {
+        assert_eq!(llvm_major("libLLVM.so.22.1-rust-1.97.0-nightly"), Some(22));
+        assert_eq!(llvm_major("libLLVM.so.23-rust-1.99.0-nightly"), Some(23));
+        assert_eq!(llvm_major("libfoo.so"), None);
+    }
 
     #[test]
     fn components_match_with_or_without_target() {

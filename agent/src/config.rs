@@ -375,6 +375,19 @@ gc_interval_secs = 9223372036854775807
         assert!(e.to_string().contains("8 configuration problems"), "{e}");
     }
 
+    /// The lab (airlock-testbed) writes this format without depending on this
+    /// crate; its output must stay valid here.
+    #[test]
+    fn the_labs_rendering_is_accepted() {
+        let text = airlock_testbed::AgentConfig::for_lab("t1").render();
+        let c = AgentConfig::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(
+            c.ports.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
+            ["patient0", "uplink0"]
+        );
+        assert_eq!(c.appliance.pin_dir, std::path::Path::new("/sys/fs/bpf/airlock-t1"));
+    }
+
     #[test]
     fn syntax_errors_name_line_and_column() {
         let e = AgentConfig::parse(

@@ -158,6 +158,16 @@ fn flow_add(lab: &Lab, args: &[&str]) {
     lab.agent().cli(&all).unwrap_or_else(|e| panic!("flow add {args:?}: {e}"));
 }
 
+/// `flow add` of one exact flow with a lifetime.
+fn allow(lab: &Lab, src: &str, dst: &str, proto: &str, dport: Option<&str>, rule: &str, ttl: &str) {
+    let mut args = vec!["--src", src, "--dst", dst, "--proto", proto];
+    if let Some(p) = dport {
+        args.extend(["--dport", p]);
+    }
+    args.extend(["--rule-id", rule, "--ttl", ttl]);
+    flow_add(lab, &args);
+}
+
 fn stats(lab: &Lab) -> airlock_testbed::AgentStats {
     lab.agent().stats().expect("stats")
 }
@@ -216,61 +226,10 @@ fn one_entry_lets_exactly_that_flow_pass() {
         (tcp.port().to_string(), tcp6.port().to_string(), udp.addr.port().to_string());
 
     assert!(!tcp_ok(p1, tcp.addr), "closed before the entry exists");
-    flow_add(
-        &lab,
-        &[
-            "--src",
-            &p1s,
-            "--dst",
-            &ext4,
-            "--proto",
-            "tcp",
-            "--dport",
-            &tport,
-            "--rule-id",
-            "11",
-            "--ttl",
-            "10m",
-        ],
-    );
-    flow_add(
-        &lab,
-        &[
-            "--src",
-            &p1s6,
-            "--dst",
-            &ext6,
-            "--proto",
-            "tcp",
-            "--dport",
-            &t6port,
-            "--rule-id",
-            "12",
-            "--ttl",
-            "10m",
-        ],
-    );
-    flow_add(
-        &lab,
-        &[
-            "--src",
-            &p1s,
-            "--dst",
-            &ext4,
-            "--proto",
-            "udp",
-            "--dport",
-            &uport,
-            "--rule-id",
-            "13",
-            "--ttl",
-            "10m",
-        ],
-    );
-    flow_add(
-        &lab,
-        &["--src", &p1s, "--dst", &ext4, "--proto", "icmp", "--rule-id", "14", "--ttl", "10m"],
-    );
+    allow(&lab, &p1s, &ext4, "tcp", Some(&tport), "11", "10m");
+    allow(&lab, &p1s6, &ext6, "tcp", Some(&t6port), "12", "10m");
+    allow(&lab, &p1s, &ext4, "udp", Some(&uport), "13", "10m");
+    allow(&lab, &p1s, &ext4, "icmp", None, "14", "10m");
 
     // Exactly these flows pass, with their replies...
     assert!(tcp_ok(p1, tcp.addr), "allowed TCP flow");
@@ -314,23 +273,7 @@ fn expiry_is_enforced_by_the_kernel_with_the_agent_stopped() {
     let (p1s, ext4) = (addr::P1_V4.to_string(), addr::EXT_V4.to_string());
     let udp = UdpEcho::start(lab.topology().external(), ip4(addr::EXT_V4));
     let port = udp.addr.port().to_string();
-    flow_add(
-        &lab,
-        &[
-            "--src",
-            &p1s,
-            "--dst",
-            &ext4,
-            "--proto",
-            "udp",
-            "--dport",
-            &port,
-            "--rule-id",
-            "21",
-            "--ttl",
-            "6s",
-        ],
-    );
+    allow(&lab, &p1s, &ext4, "udp", Some(&port), "21", "6s");
     let added = Instant::now();
     assert!(udp_ok(lab.topology().p1(), udp.addr), "passes while live");
 
@@ -354,23 +297,7 @@ fn sigkill_during_traffic_lets_nothing_through_and_restart_keeps_enforcing() {
     let allowed = UdpEcho::start(lab.topology().external(), ip4(addr::EXT_V4));
     let denied = UdpEcho::start(lab.topology().external(), ip4(addr::EXT_V4));
     let port = allowed.addr.port().to_string();
-    flow_add(
-        &lab,
-        &[
-            "--src",
-            &p1s,
-            "--dst",
-            &ext4,
-            "--proto",
-            "udp",
-            "--dport",
-            &port,
-            "--rule-id",
-            "31",
-            "--ttl",
-            "10m",
-        ],
-    );
+    allow(&lab, &p1s, &ext4, "udp", Some(&port), "31", "10m");
 
     // A steady stream to both ports from the patient host.
     let stop = Arc::new(AtomicBool::new(false));
@@ -490,23 +417,7 @@ fn reply_rules_are_enforced_in_the_kernel() {
     let lab = lab();
     let t = lab.topology();
     let (p1s, ext4) = (addr::P1_V4.to_string(), addr::EXT_V4.to_string());
-    flow_add(
-        &lab,
-        &[
-            "--src",
-            &p1s,
-            "--dst",
-            &ext4,
-            "--proto",
-            "tcp",
-            "--dport",
-            "443",
-            "--rule-id",
-            "41",
-            "--ttl",
-            "10m",
-        ],
-    );
+    allow(&lab, &p1s, &ext4, "tcp", Some("443"), "41", "10m");
     let before = stats(&lab);
     let ip = |s: &str, d: &str| format!("IP(src='{s}', dst='{d}')");
     // The service may not open connections back, nor reach privileged ports.

@@ -20,11 +20,13 @@ pub mod compile;
 mod flow;
 pub mod locate;
 pub mod model;
+pub mod reconcile;
 pub mod validate;
 
 pub use compile::{compile, DesiredState, Now};
 pub use flow::{Expiry, Flow, FlowEntry, FlowError, Ingress, MapEntry, Protocol};
 pub use model::{Grant, Policy};
+pub use reconcile::{reconcile, Action};
 pub use validate::{validate, Issue, Resolved};
 
 /// An [`Issue`] with its place in the text it came from.

@@ -24,3 +24,4 @@ pub mod dataplane;
 pub mod events;
 pub mod maps;
 pub mod netif;
+pub mod policy_cmd;

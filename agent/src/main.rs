@@ -58,6 +58,33 @@ enum Command {
     /// Configuration tools.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Policy files: check, diff, and apply locally (until the controller drives the agent).
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Validate a policy file (TOML) and print every problem with its line.
+    Check {
+        /// The policy file.
+        file: PathBuf,
+    },
+    /// Show what a new policy opens, closes and changes, per appliance.
+    Diff {
+        /// The policy in force.
+        old: PathBuf,
+        /// The candidate.
+        new: PathBuf,
+    },
+    /// Make this appliance's flow entries equal the policy's (minimal changes, closing first).
+    Apply {
+        /// The policy file.
+        file: PathBuf,
+        /// The appliance in the policy (default: the config's appliance.name).
+        #[arg(long)]
+        appliance: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -178,6 +205,25 @@ fn load_config(path: &std::path::Path) -> Result<AgentConfig, Failure> {
 }
 
 fn dispatch(cli: Cli) -> Result<(), Failure> {
+    use airlock_agent::policy_cmd::{self, PolicyCmdError};
+    let policy_err = |e: PolicyCmdError| match e {
+        PolicyCmdError::Invalid(_)
+        | PolicyCmdError::Read { .. }
+        | PolicyCmdError::UnknownAppliance { .. } => usage(e),
+        other => Failure::Other(other.into()),
+    };
+    // Checking and diffing files needs no agent configuration.
+    match &cli.command {
+        Command::Policy(PolicyCommand::Check { file }) => {
+            println!("{}", policy_cmd::check(file, policy_cmd::now()).map_err(policy_err)?);
+            return Ok(());
+        }
+        Command::Policy(PolicyCommand::Diff { old, new }) => {
+            print!("{}", policy_cmd::diff(old, new, policy_cmd::now()).map_err(policy_err)?);
+            return Ok(());
+        }
+        _ => {}
+    }
     let cfg = load_config(&cli.config)?;
     match cli.command {
         Command::Config(ConfigCommand::Check) => {
@@ -192,6 +238,18 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
         }
         Command::Flow(cmd) => flow(&cfg.pins(), cmd),
         Command::Stats { json } => stats(&cfg.pins(), json),
+        Command::Policy(PolicyCommand::Apply { file, appliance }) => {
+            let name = appliance.unwrap_or_else(|| cfg.appliance.name.clone());
+            let mut maps = Maps::open(&cfg.pins().maps())?;
+            let (removed, upserted) = policy_cmd::apply(&file, &name, &mut maps, policy_cmd::now())
+                .map_err(policy_err)?;
+            println!(
+                "applied {} to {name}: {removed} removed, {upserted} added or changed",
+                file.display()
+            );
+            Ok(())
+        }
+        Command::Policy(_) => Ok(()),
         Command::Detach { force } => {
             let n = dataplane::detach(&cfg, force)?;
             println!("detached: forwarding off, {n} pins removed");

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::flow::{Flow, FlowEntry};
+use crate::flow::{Expiry, Flow, FlowEntry};
 
 /// One change to the flow maps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,9 +17,23 @@ pub enum Action {
     Upsert(FlowEntry),
 }
 
+/// Expiries closer than this are the same expiry: a policy's wall-clock end
+/// converted to the monotonic clock at two moments differs by the jitter of
+/// reading two clocks (up to a second at whole-second wall time).
+pub const EXPIRY_TOLERANCE_NS: u64 = 2_000_000_000;
+
+/// True when `a` and `b` differ in nothing that matters to the dataplane.
+pub fn same(a: &FlowEntry, b: &FlowEntry) -> bool {
+    let expiry_same = match (a.expiry, b.expiry) {
+        (Expiry::At(x), Expiry::At(y)) => x.abs_diff(y) < EXPIRY_TOLERANCE_NS,
+        (x, y) => x == y,
+    };
+    expiry_same && FlowEntry { expiry: b.expiry, ..*a } == *b
+}
+
 /// The actions that turn `observed` into the entries of `desired` that are
 /// live at `now_ns`: removals (sorted) then upserts (sorted). An observed
-/// entry identical to the desired one is left alone (its counters too).
+/// entry equal to the desired one ([`same`]) is left alone, counters too.
 pub fn reconcile(desired: &[FlowEntry], observed: &[FlowEntry], now_ns: u64) -> Vec<Action> {
     let want: BTreeMap<Flow, &FlowEntry> =
         desired.iter().filter(|e| e.is_live(now_ns)).map(|e| (e.flow, e)).collect();
@@ -27,7 +41,7 @@ pub fn reconcile(desired: &[FlowEntry], observed: &[FlowEntry], now_ns: u64) -> 
     let removes = have.keys().filter(|f| !want.contains_key(f)).map(|f| Action::Remove(*f));
     let upserts = want
         .iter()
-        .filter(|(f, e)| have.get(f).is_none_or(|h| h != *e))
+        .filter(|(f, e)| have.get(f).is_none_or(|h| !same(h, e)))
         .map(|(_, e)| Action::Upsert(**e));
     removes.chain(upserts).collect()
 }
@@ -35,7 +49,7 @@ pub fn reconcile(desired: &[FlowEntry], observed: &[FlowEntry], now_ns: u64) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Expiry, Ingress, Protocol};
+    use crate::{Ingress, Protocol};
 
     fn entry(last: u8, port: u16, rule: u32, expiry: Expiry) -> FlowEntry {
         let src = std::net::IpAddr::from([10, 77, 0, last]);
@@ -49,6 +63,9 @@ mod tests {
             expiry,
         }
     }
+
+    /// Generated expiries are whole multiples of this, above the tolerance.
+    const SEC: u64 = 3 * EXPIRY_TOLERANCE_NS;
 
     fn apply(observed: &[FlowEntry], actions: &[Action]) -> Vec<FlowEntry> {
         let mut m: BTreeMap<Flow, FlowEntry> = observed.iter().map(|e| (e.flow, *e)).collect();
@@ -80,6 +97,10 @@ mod tests {
             ]
         );
         assert!(reconcile(&[a], &[a], 10).is_empty(), "converged state needs nothing");
+        let jitter = FlowEntry { expiry: Expiry::At(100 + EXPIRY_TOLERANCE_NS - 1), ..a };
+        assert!(reconcile(&[jitter], &[a], 10).is_empty(), "clock-reading jitter is no change");
+        let later = FlowEntry { expiry: Expiry::At(100 + EXPIRY_TOLERANCE_NS), ..a };
+        assert_eq!(reconcile(&[later], &[a], 10), [Action::Upsert(later)]);
         // An expired desired entry is removed from the maps.
         assert_eq!(reconcile(&[stale], &[stale], 10), [Action::Remove(stale.flow)]);
     }
@@ -106,7 +127,7 @@ mod tests {
                         let expiry = if r % 5 == 0 {
                             Expiry::Infrastructure
                         } else {
-                            Expiry::At(r % 40 + 1)
+                            Expiry::At((r % 40 + 1) * SEC)
                         };
                         entry(
                             (r % 6) as u8 + 1,
@@ -124,7 +145,7 @@ mod tests {
             desired.dedup_by_key(|e| e.flow);
             observed.sort_by_key(|e| e.flow);
             observed.dedup_by_key(|e| e.flow);
-            let now = pick(1)[0].rule_id as u64 * 13 % 40;
+            let now = (pick(1)[0].rule_id as u64 * 13 % 40) * SEC;
             let actions = reconcile(&desired, &observed, now);
             let first_upsert = actions
                 .iter()
@@ -132,7 +153,9 @@ mod tests {
                 .unwrap_or(actions.len());
             assert!(actions[first_upsert..].iter().all(|a| matches!(a, Action::Upsert(_))));
             let live: Vec<FlowEntry> = desired.iter().filter(|e| e.is_live(now)).copied().collect();
-            assert_eq!(apply(&observed, &actions), live);
+            let got = apply(&observed, &actions);
+            assert_eq!(got.len(), live.len());
+            assert!(got.iter().zip(&live).all(|(g, l)| same(g, l)), "{got:?} != {live:?}");
             total += actions.len();
         }
         assert!(total > 1_000, "the generator exercised the reconciler");

@@ -1,0 +1,176 @@
+//! `airlock-agent policy check | diff | apply`: the policy file on the command
+//! line, before the controller exists. Reading files and clocks happens here;
+//! the decisions are the pure functions of `airlock-policy`.
+
+use std::{collections::BTreeMap, fmt::Write as _, path::Path};
+
+use airlock_policy::{
+    check_toml, compile, reconcile, Action, DesiredState, Diagnostic, Expiry, FlowEntry, Now,
+};
+
+use crate::{clock, maps::Maps};
+
+/// Policy command failures.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyCmdError {
+    /// The file cannot be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The policy is invalid; the report lists every problem.
+    #[error("{0}")]
+    Invalid(String),
+    /// The policy has no such appliance.
+    #[error("the policy has no appliance {name:?} (it has: {known})")]
+    UnknownAppliance {
+        /// The name asked for.
+        name: String,
+        /// The names it has.
+        known: String,
+    },
+    /// Map trouble.
+    #[error(transparent)]
+    Maps(#[from] crate::maps::MapsError),
+}
+
+/// The wall and monotonic clocks, read together.
+pub fn now() -> Now {
+    let unix_secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    Now { unix_secs, mono_ns: clock::monotonic_ns() }
+}
+
+fn report(path: &Path, diags: &[Diagnostic]) -> String {
+    let mut s = format!(
+        "{}: {} problem{}",
+        path.display(),
+        diags.len(),
+        if diags.len() == 1 { "" } else { "s" }
+    );
+    for d in diags {
+        let at = match (d.line, d.column) {
+            (Some(l), Some(c)) => format!("{}:{l}:{c}", path.display()),
+            _ => path.display().to_string(),
+        };
+        let _ = write!(s, "\n  {at}: {}", d.issue);
+    }
+    s
+}
+
+/// Reads, validates and compiles a policy file at `now`.
+pub fn load(path: &Path, now: Now) -> Result<BTreeMap<String, DesiredState>, PolicyCmdError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| PolicyCmdError::Read { path: path.display().to_string(), source })?;
+    let (_, resolved) = check_toml(&text).map_err(|d| PolicyCmdError::Invalid(report(path, &d)))?;
+    compile(&resolved, &[], now).map_err(|issues| {
+        let d: Vec<Diagnostic> = issues
+            .into_iter()
+            .map(|issue| Diagnostic { line: None, column: None, issue })
+            .collect();
+        PolicyCmdError::Invalid(report(path, &d))
+    })
+}
+
+/// `policy check`: a one-line summary per appliance.
+pub fn check(path: &Path, now: Now) -> Result<String, PolicyCmdError> {
+    let out = load(path, now)?;
+    let mut s = format!("{}: ok", path.display());
+    for (name, st) in &out {
+        let _ = write!(
+            s,
+            "\n  appliance {name}: policy version {}, {} live flow entries",
+            st.policy_version,
+            st.entries.len()
+        );
+    }
+    Ok(s)
+}
+
+fn describe(e: &FlowEntry, now: Now) -> String {
+    let life = match e.expiry {
+        Expiry::Infrastructure => "infrastructure".to_owned(),
+        Expiry::At(t) => format!("{}s left", t.saturating_sub(now.mono_ns) / 1_000_000_000),
+    };
+    format!(
+        "{} (rule {}, {life}{})",
+        e.flow,
+        e.rule_id,
+        if e.allow_reply { "" } else { ", no replies" }
+    )
+}
+
+/// `policy diff`: what opens, what closes and what changes, per appliance.
+pub fn diff(old: &Path, new: &Path, now: Now) -> Result<String, PolicyCmdError> {
+    let (a, b) = (load(old, now)?, load(new, now)?);
+    let mut s = String::new();
+    let names: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    let empty = Vec::new();
+    for name in names {
+        let before = a.get(name).map_or(&empty, |d| &d.entries);
+        let after = b.get(name).map_or(&empty, |d| &d.entries);
+        let actions = reconcile(after, before, now.mono_ns);
+        let _ = write!(s, "appliance {name}: ");
+        if actions.is_empty() {
+            s.push_str("no change\n");
+            continue;
+        }
+        s.push('\n');
+        for act in actions {
+            match act {
+                Action::Remove(f) => {
+                    let _ = writeln!(s, "  - closes {f}");
+                }
+                Action::Upsert(e) if before.iter().any(|o| o.flow == e.flow) => {
+                    let _ = writeln!(s, "  ~ changes {}", describe(&e, now));
+                }
+                Action::Upsert(e) => {
+                    let _ = writeln!(s, "  + opens {}", describe(&e, now));
+                }
+            }
+        }
+    }
+    Ok(s)
+}
+
+/// `policy apply`: makes the maps equal the policy's entries for `appliance`.
+/// Returns (removed, upserted).
+pub fn apply(
+    path: &Path,
+    appliance: &str,
+    maps: &mut Maps,
+    now: Now,
+) -> Result<(usize, usize), PolicyCmdError> {
+    let out = load(path, now)?;
+    let Some(want) = out.get(appliance) else {
+        let known = out.keys().cloned().collect::<Vec<_>>().join(", ");
+        return Err(PolicyCmdError::UnknownAppliance { name: appliance.to_owned(), known });
+    };
+    let listed = maps.list()?;
+    let observed: Vec<FlowEntry> =
+        listed.iter().filter_map(|(e, _, _)| e.as_ref().ok().copied()).collect();
+    let (mut removed, mut upserted) = (0, 0);
+    let unreadable = listed.len() - observed.len();
+    if unreadable > 0 {
+        // They cannot be named by flow; `detach` clears them.
+        tracing::warn!(unreadable, "flow entries the agent cannot read back are left in the maps");
+    }
+    for act in reconcile(&want.entries, &observed, now.mono_ns) {
+        match act {
+            Action::Remove(f) => {
+                maps.remove(&f)?;
+                removed += 1;
+            }
+            Action::Upsert(e) => {
+                maps.upsert(&e)?;
+                upserted += 1;
+            }
+        }
+    }
+    Ok((removed, upserted))
+}

@@ -1,0 +1,93 @@
+//! End to end, as root: a policy file applied to a lab appliance opens exactly
+//! its flows, and a changed file opens and closes with minimal changes.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    thread,
+    time::Duration,
+};
+
+use airlock_testbed::{addr, unique_prefix, Lab, NetNs};
+
+const LAB_POLICY: &str = include_str!("../../policies/lab.toml");
+
+fn serve(ns: &NetNs, ip: IpAddr, port: u16) -> SocketAddr {
+    let l =
+        ns.run(move || TcpListener::bind(SocketAddr::new(ip, port))).expect("netns").expect("bind");
+    let at = l.local_addr().expect("addr");
+    thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut b = [0u8; 5];
+            if s.read_exact(&mut b).is_ok() {
+                let _ = s.write_all(b"pong\n");
+            }
+        }
+    });
+    at
+}
+
+fn tcp_ok(ns: &NetNs, to: SocketAddr) -> bool {
+    ns.run(move || -> std::io::Result<String> {
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_millis(600))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.write_all(b"ping\n")?;
+        let mut r = String::new();
+        s.read_to_string(&mut r)?;
+        Ok(r)
+    })
+    .expect("netns")
+    .is_ok_and(|r| r == "pong\n")
+}
+
+fn apply(lab: &Lab, text: &str) -> String {
+    let path = lab.agent().record().state_dir.join("policy.toml");
+    std::fs::write(&path, text).expect("write policy");
+    lab.agent()
+        .cli(&["policy", "apply", &path.to_string_lossy(), "--appliance", "lab-appliance"])
+        .expect("policy apply")
+}
+
+#[test]
+fn a_policy_file_opens_exactly_its_flows_and_changes_minimally() {
+    let lab = Lab::start(&unique_prefix()).expect("lab");
+    let t = lab.topology();
+    let svc = serve(t.external(), IpAddr::V4(addr::EXT_V4), 443);
+    let svc6 = serve(t.external(), IpAddr::V6(addr::EXT_V6), 443);
+    assert!(!tcp_ok(t.p1(), svc), "closed before the policy");
+
+    let out = apply(&lab, LAB_POLICY);
+    assert!(out.contains("0 removed, 2 added"), "{out}");
+    assert!(tcp_ok(t.p1(), svc), "imaging (p1) reaches the service");
+    assert!(tcp_ok(t.p1(), svc6), "and over IPv6");
+    assert!(!tcp_ok(t.p2(), svc), "p2 is not in the group");
+
+    let wider = LAB_POLICY.replace("hosts = [\"p1\"]", "hosts = [\"p1\", \"p2\"]");
+    let out = apply(&lab, &wider);
+    assert!(out.contains("0 removed, 2 added"), "only p2's two entries are added: {out}");
+    assert!(tcp_ok(t.p2(), svc), "p2 now reaches the service");
+
+    let out = apply(&lab, &wider);
+    assert!(out.contains("0 removed, 0 added"), "applying again changes nothing: {out}");
+
+    let out = apply(&lab, LAB_POLICY);
+    assert!(out.contains("2 removed, 0 added"), "{out}");
+    assert!(!tcp_ok(t.p2(), svc), "p2 closed again");
+    assert!(tcp_ok(t.p1(), svc), "p1 untouched");
+
+    // An invalid file changes nothing and says why.
+    let path = lab.agent().record().state_dir.join("bad.toml");
+    std::fs::write(&path, LAB_POLICY.replace("service:regional-lab", "service:nope"))
+        .expect("write");
+    let err = lab
+        .agent()
+        .cli(&["policy", "apply", &path.to_string_lossy(), "--appliance", "lab-appliance"])
+        .expect_err("invalid policy refused");
+    assert!(
+        err.to_string().contains("unknown service \\\"nope\\\"")
+            || err.to_string().contains("unknown service"),
+        "{err}"
+    );
+    assert!(tcp_ok(t.p1(), svc), "still enforcing the last good policy");
+}

@@ -41,10 +41,17 @@ pub struct ApplianceConfig {
     /// Directory on a bpffs where programs' maps and links are pinned.
     #[serde(default = "default_pin_dir")]
     pub pin_dir: PathBuf,
+    /// Directory of the local state store (the last-known-good policy).
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
 }
 
 fn default_pin_dir() -> PathBuf {
     PathBuf::from("/sys/fs/bpf/airlock")
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/airlock")
 }
 
 /// `[[port]]`.
@@ -245,6 +252,9 @@ impl AgentConfig {
                 "appliance.pin_dir".into(),
                 "must be an absolute path on a bpffs (e.g. /sys/fs/bpf/airlock)",
             );
+        }
+        if !self.appliance.state_dir.is_absolute() {
+            issue("appliance.state_dir".into(), "must be an absolute path (e.g. /var/lib/airlock)");
         }
         let mut names = BTreeSet::new();
         for (i, p) in self.ports.iter().enumerate() {

@@ -204,8 +204,9 @@ const fn program_for(role: PortRole) -> &'static str {
 impl Dataplane {
     /// Loads the programs, reuses or creates the pinned maps, writes settings
     /// and local addresses, and attaches every port. Forwarding is turned off
-    /// before the first attach of a port that had no pinned link (fail closed)
-    /// and on at the end when configured.
+    /// before the first attach of a port that had no pinned link (fail closed);
+    /// turning it on is [`Dataplane::open_gate`], after the caller has applied
+    /// its state.
     pub fn install(cfg: &AgentConfig) -> Result<Self, DataplaneError> {
         let layout = cfg.pins();
         ensure_bpffs(&cfg.appliance.pin_dir)?;
@@ -244,16 +245,23 @@ impl Dataplane {
             let how = attach_port(&mut ebpf, &layout, p, *ifindex, *role)?;
             info!(port = %p.name, ifindex, role = role.as_str(), attachment = ?how, "port enforcing");
         }
-        if cfg.dataplane.enable_forwarding {
-            let names: Vec<&str> = ports.iter().map(|(n, _, _)| n.as_str()).collect();
-            let foreign = netif::foreign_interfaces(&names)?;
-            if !foreign.is_empty() {
-                netif::set_forwarding(false)?;
-                return Err(DataplaneError::ForeignInterfaces(foreign));
-            }
-            netif::set_forwarding(true)?;
-        }
         Ok(Self { _ebpf: ebpf, maps, ports })
+    }
+
+    /// Turns IP forwarding on when configured, and only when every interface
+    /// of the namespace besides `lo` is a boundary port.
+    pub fn open_gate(&self, cfg: &AgentConfig) -> Result<(), DataplaneError> {
+        if !cfg.dataplane.enable_forwarding {
+            return Ok(());
+        }
+        let names: Vec<&str> = self.ports.iter().map(|(n, _, _)| n.as_str()).collect();
+        let foreign = netif::foreign_interfaces(&names)?;
+        if !foreign.is_empty() {
+            netif::set_forwarding(false)?;
+            return Err(DataplaneError::ForeignInterfaces(foreign));
+        }
+        netif::set_forwarding(true)?;
+        Ok(())
     }
 
     /// What is wrong with the boundary now: a port gone or recreated under

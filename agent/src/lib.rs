@@ -25,3 +25,4 @@ pub mod events;
 pub mod maps;
 pub mod netif;
 pub mod policy_cmd;
+pub mod store;

@@ -8,6 +8,7 @@ use airlock_agent::{
     dataplane::{self, Dataplane, PinLayout},
     events,
     maps::Maps,
+    store::{SledStore, StateStore as _},
 };
 use airlock_ebpf_common::layout::{Counter, Reason};
 use airlock_policy::{Expiry, Flow, FlowEntry, Ingress, Protocol};
@@ -241,8 +242,11 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Policy(PolicyCommand::Apply { file, appliance }) => {
             let name = appliance.unwrap_or_else(|| cfg.appliance.name.clone());
             let mut maps = Maps::open(&cfg.pins().maps())?;
-            let (removed, upserted) = policy_cmd::apply(&file, &name, &mut maps, policy_cmd::now())
-                .map_err(policy_err)?;
+            let store =
+                SledStore::open(&cfg.appliance.state_dir).map_err(|e| policy_err(e.into()))?;
+            let (removed, upserted) =
+                policy_cmd::apply(&file, &name, &mut maps, &store, policy_cmd::now())
+                    .map_err(policy_err)?;
             println!(
                 "applied {} to {name}: {removed} removed, {upserted} added or changed",
                 file.display()
@@ -454,6 +458,8 @@ async fn run(cfg: AgentConfig, ready_file: Option<PathBuf>) -> Result<()> {
     let _enter = span.enter();
     info!(ports = cfg.ports.len(), pin_dir = %cfg.appliance.pin_dir.display(), "starting");
     let mut dp = Dataplane::install(&cfg).context("installing the boundary")?;
+    apply_last_known_good(&cfg, &mut dp);
+    dp.open_gate(&cfg).context("turning forwarding on")?;
     if let Some(f) = &ready_file {
         std::fs::write(f, "enforcing\n").with_context(|| format!("writing {}", f.display()))?;
     }
@@ -500,7 +506,7 @@ async fn run(cfg: AgentConfig, ready_file: Option<PathBuf>) -> Result<()> {
                         error!(error = %e, "cannot switch forwarding off");
                     }
                     error!(?problems, "boundary degraded: forwarding off; re-attaching");
-                    match Dataplane::install(&cfg) {
+                    match Dataplane::install(&cfg).and_then(|new| new.open_gate(&cfg).map(|()| new)) {
                         Ok(new) => {
                             dp = new;
                             info!(forwarding = airlock_agent::netif::forwarding(), "boundary restored");
@@ -529,6 +535,41 @@ async fn run(cfg: AgentConfig, ready_file: Option<PathBuf>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Applies the stored policy, if any, before forwarding is turned on. A
+/// missing, unreadable or inapplicable state applies nothing: the maps keep
+/// what they hold (empty on a fresh appliance: everything dropped).
+fn apply_last_known_good(cfg: &AgentConfig, dp: &mut Dataplane) {
+    let lkg = match SledStore::open(&cfg.appliance.state_dir).and_then(|s| s.load()) {
+        Ok(Some(l)) => l,
+        Ok(None) => {
+            info!("no last-known-good policy stored");
+            return;
+        }
+        Err(e) => {
+            error!(error = %format!("{e:#}"), "cannot read the last-known-good policy; applying nothing");
+            return;
+        }
+    };
+    let origin = cfg.appliance.state_dir.join("last-known-good");
+    let now = airlock_agent::policy_cmd::now();
+    match airlock_agent::policy_cmd::apply_policy(
+        &lkg.policy,
+        &origin,
+        &lkg.appliance,
+        &mut dp.maps,
+        now,
+    ) {
+        Ok((removed, upserted)) => info!(
+            policy_version = lkg.policy.version,
+            appliance = %lkg.appliance,
+            removed,
+            upserted,
+            "last-known-good policy applied"
+        ),
+        Err(e) => error!(error = %e, "cannot apply the last-known-good policy; applying nothing"),
+    }
 }
 
 fn log_counters(

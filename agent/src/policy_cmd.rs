@@ -5,10 +5,15 @@
 use std::{collections::BTreeMap, fmt::Write as _, path::Path};
 
 use airlock_policy::{
-    check_toml, compile, reconcile, Action, DesiredState, Diagnostic, Expiry, FlowEntry, Now,
+    check_toml, compile, reconcile, validate, Action, DesiredState, Diagnostic, Expiry, FlowEntry,
+    Now, Policy,
 };
 
-use crate::{clock, maps::Maps};
+use crate::{
+    clock,
+    maps::Maps,
+    store::{LastKnownGood, StateStore, StoreError},
+};
 
 /// Policy command failures.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +41,9 @@ pub enum PolicyCmdError {
     /// Map trouble.
     #[error(transparent)]
     Maps(#[from] crate::maps::MapsError),
+    /// State store trouble.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// The wall and monotonic clocks, read together.
@@ -63,18 +71,34 @@ fn report(path: &Path, diags: &[Diagnostic]) -> String {
     s
 }
 
-/// Reads, validates and compiles a policy file at `now`.
-pub fn load(path: &Path, now: Now) -> Result<BTreeMap<String, DesiredState>, PolicyCmdError> {
+/// Reads and validates a policy file.
+pub fn read(path: &Path) -> Result<Policy, PolicyCmdError> {
     let text = std::fs::read_to_string(path)
         .map_err(|source| PolicyCmdError::Read { path: path.display().to_string(), source })?;
-    let (_, resolved) = check_toml(&text).map_err(|d| PolicyCmdError::Invalid(report(path, &d)))?;
-    compile(&resolved, &[], now).map_err(|issues| {
+    let (policy, _) = check_toml(&text).map_err(|d| PolicyCmdError::Invalid(report(path, &d)))?;
+    Ok(policy)
+}
+
+/// Validates and compiles a policy at `now`; `origin` names it in errors.
+pub fn compile_policy(
+    policy: &Policy,
+    origin: &Path,
+    now: Now,
+) -> Result<BTreeMap<String, DesiredState>, PolicyCmdError> {
+    let located = |issues: Vec<airlock_policy::Issue>| {
         let d: Vec<Diagnostic> = issues
             .into_iter()
             .map(|issue| Diagnostic { line: None, column: None, issue })
             .collect();
-        PolicyCmdError::Invalid(report(path, &d))
-    })
+        PolicyCmdError::Invalid(report(origin, &d))
+    };
+    let resolved = validate(policy).map_err(located)?;
+    compile(&resolved, &[], now).map_err(located)
+}
+
+/// Reads, validates and compiles a policy file at `now`.
+pub fn load(path: &Path, now: Now) -> Result<BTreeMap<String, DesiredState>, PolicyCmdError> {
+    compile_policy(&read(path)?, path, now)
 }
 
 /// `policy check`: a one-line summary per appliance.
@@ -138,15 +162,16 @@ pub fn diff(old: &Path, new: &Path, now: Now) -> Result<String, PolicyCmdError> 
     Ok(s)
 }
 
-/// `policy apply`: makes the maps equal the policy's entries for `appliance`.
-/// Returns (removed, upserted).
-pub fn apply(
-    path: &Path,
+/// Makes the maps equal `policy`'s entries for `appliance` (minimal changes,
+/// closing first). Returns (removed, upserted).
+pub fn apply_policy(
+    policy: &Policy,
+    origin: &Path,
     appliance: &str,
     maps: &mut Maps,
     now: Now,
 ) -> Result<(usize, usize), PolicyCmdError> {
-    let out = load(path, now)?;
+    let out = compile_policy(policy, origin, now)?;
     let Some(want) = out.get(appliance) else {
         let known = out.keys().cloned().collect::<Vec<_>>().join(", ");
         return Err(PolicyCmdError::UnknownAppliance { name: appliance.to_owned(), known });
@@ -154,12 +179,12 @@ pub fn apply(
     let listed = maps.list()?;
     let observed: Vec<FlowEntry> =
         listed.iter().filter_map(|(e, _, _)| e.as_ref().ok().copied()).collect();
-    let (mut removed, mut upserted) = (0, 0);
     let unreadable = listed.len() - observed.len();
     if unreadable > 0 {
         // They cannot be named by flow; `detach` clears them.
         tracing::warn!(unreadable, "flow entries the agent cannot read back are left in the maps");
     }
+    let (mut removed, mut upserted) = (0, 0);
     for act in reconcile(&want.entries, &observed, now.mono_ns) {
         match act {
             Action::Remove(f) => {
@@ -173,4 +198,25 @@ pub fn apply(
         }
     }
     Ok((removed, upserted))
+}
+
+/// `policy apply`: applies the file, then keeps it as the last-known-good
+/// state (only once applied: a policy that failed is never kept).
+pub fn apply(
+    path: &Path,
+    appliance: &str,
+    maps: &mut Maps,
+    store: &dyn StateStore,
+    now: Now,
+) -> Result<(usize, usize), PolicyCmdError> {
+    let policy = read(path)?;
+    let counts = apply_policy(&policy, path, appliance, maps, now)?;
+    let lkg = LastKnownGood {
+        format: 1,
+        appliance: appliance.to_owned(),
+        policy,
+        applied_at: now.unix_secs,
+    };
+    store.save(&lkg)?;
+    Ok(counts)
 }

@@ -136,7 +136,11 @@ impl Agent {
         let dir = opts.state_dir;
         fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, e))?;
         let config = dir.join("agent.toml");
-        fs::write(&config, opts.config.render()).map_err(|e| Error::io("writing", &config, e))?;
+        let mut agent_config = opts.config;
+        if agent_config.state_dir.is_none() {
+            agent_config.state_dir = Some(dir.join("store"));
+        }
+        fs::write(&config, agent_config.render()).map_err(|e| Error::io("writing", &config, e))?;
         let mut agent = Agent {
             record: AgentRecord {
                 pid: 0,
@@ -146,7 +150,7 @@ impl Agent {
                 ready_file: dir.join("ready"),
                 state_dir: dir,
                 config,
-                pin_dir: opts.config.pin_dir,
+                pin_dir: agent_config.pin_dir,
             },
             child: None,
             ready_timeout: opts.ready_timeout,

@@ -63,6 +63,9 @@ pub struct AgentConfig {
     pub name: String,
     /// `appliance.pin_dir`.
     pub pin_dir: PathBuf,
+    /// `appliance.state_dir` (the agent's default when `None`; [`crate::Agent`]
+    /// sets it inside its state directory).
+    pub state_dir: Option<PathBuf>,
     /// `[[port]]`s.
     pub ports: Vec<PortConfig>,
     /// `dataplane.max_flows` (the agent's default when `None`).
@@ -86,6 +89,7 @@ impl AgentConfig {
         AgentConfig {
             name: format!("lab-{prefix}"),
             pin_dir: Path::new(BPFFS).join(format!("airlock-{prefix}")),
+            state_dir: None,
             ports: vec![
                 PortConfig {
                     name: PATIENT_PORT.into(),
@@ -113,6 +117,9 @@ impl AgentConfig {
         s.push_str("# Written by airlock-testbed.\n[appliance]\n");
         s.push_str(&format!("name = {}\n", toml_str(&self.name)));
         s.push_str(&format!("pin_dir = {}\n", toml_str(&self.pin_dir.to_string_lossy())));
+        if let Some(d) = &self.state_dir {
+            s.push_str(&format!("state_dir = {}\n", toml_str(&d.to_string_lossy())));
+        }
         for p in &self.ports {
             let role = match p.role {
                 PortRole::Patient => "patient",

@@ -91,3 +91,27 @@ fn a_policy_file_opens_exactly_its_flows_and_changes_minimally() {
     );
     assert!(tcp_ok(t.p1(), svc), "still enforcing the last good policy");
 }
+
+#[test]
+fn the_last_known_good_policy_is_enforced_after_a_full_reinstall() {
+    let mut lab = Lab::start(&unique_prefix()).expect("lab");
+    let svc = serve(lab.topology().external(), IpAddr::V4(addr::EXT_V4), 443);
+    apply(&lab, LAB_POLICY);
+    assert!(tcp_ok(lab.topology().p1(), svc));
+
+    // Stop the agent and remove every pin: the maps are gone, the ports bare.
+    lab.agent_mut().stop().expect("stop");
+    lab.agent().cli(&["detach"]).expect("detach");
+    assert_eq!(lab.topology().appliance().read_sysctl("net.ipv4.ip_forward").expect("sysctl"), "0");
+    assert!(!tcp_ok(lab.topology().p1(), svc), "nothing is forwarded without the boundary");
+
+    // A fresh start applies the stored policy before it turns forwarding on.
+    lab.agent_mut().restart().expect("start again");
+    assert!(
+        lab.agent().log().contains("last-known-good policy applied"),
+        "{}",
+        lab.agent().log_tail(15)
+    );
+    assert!(tcp_ok(lab.topology().p1(), svc), "the stored policy is enforced at once");
+    assert!(!tcp_ok(lab.topology().p2(), svc), "and only it");
+}

@@ -66,6 +66,10 @@ pub fn run(quick: bool) -> Result<()> {
         });
     }
 
+    if ok && !quick {
+        record("fuzz smoke (policy_toml, 20 s)", &mut fuzz_smoke);
+    }
+
     println!("\n==> summary");
     for o in &outcomes {
         let verdict = if o.result.is_ok() { "ok" } else { "FAILED" };
@@ -91,6 +95,25 @@ fn ebpf_clippy() -> Result<()> {
             .args(["+nightly", "clippy", "-p", "airlock-ebpf", "--target", "bpfel-unknown-none"])
             .args(["-Z", "build-std=core", "--", "-D", "warnings"]),
     )
+}
+
+/// A short run of each fuzz target over its committed corpus; new inputs go to
+/// a scratch corpus so the tree stays clean. A crash fails the step.
+fn fuzz_smoke() -> Result<()> {
+    let root = airlock_testbed::workspace_root();
+    let scratch = std::env::temp_dir().join(format!("airlock-fuzz-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)?;
+    let result = step::run(
+        Command::new("cargo")
+            .current_dir(&root)
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .args(["+nightly", "fuzz", "run", "policy_toml"])
+            .arg(&scratch)
+            .arg(root.join("fuzz/corpus/policy_toml"))
+            .args(["--", "-max_total_time=20"]),
+    );
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
 }
 
 pub fn bench() -> Result<()> {

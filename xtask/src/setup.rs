@@ -38,7 +38,26 @@ pub fn run() -> Result<()> {
     apt_packages()?;
     rust_components()?;
     bpf_linker()?;
+    cargo_fuzz()?;
     bpffs()
+}
+
+/// cargo-fuzz runs the fuzz targets' smoke test.
+fn cargo_fuzz() -> Result<()> {
+    let step = Step::start("checking cargo-fuzz");
+    if let Ok(v) = capture(Command::new("cargo").args(["fuzz", "--version"])) {
+        step.ok_with(v.trim());
+        return Ok(());
+    }
+    step.ok_with("missing");
+    let step = Step::start("installing cargo-fuzz from crates.io (~1 min)");
+    run_cmd(Command::new("cargo").env_remove("RUSTUP_TOOLCHAIN").args([
+        "install",
+        "cargo-fuzz",
+        "--locked",
+    ]))?;
+    step.ok();
+    Ok(())
 }
 
 fn apt_packages() -> Result<()> {

@@ -9,8 +9,8 @@
 //! - [`Flow`]: an exact (source, destination, protocol, destination port)
 //!   allowance; [`FlowEntry`] places one in the dataplane with rule id, policy
 //!   version and expiry, with lossless conversion to the eBPF map layouts.
-//! - [`model`]: the policy as written; [`validate`]: every problem at once;
-//!   [`compile`]: desired state; [`locate`]: paths to lines.
+//! - [`model`]: the policy as written; [`validate()`]: every problem at once;
+//!   [`compile()`]: desired state; [`nft`]: the nftables layer; [`locate`]: paths to lines.
 //!
 //! What it is not: it does no I/O and reads no clock. Times are handed in
 //! ([`compile::Now`]); expiry instants are CLOCK_MONOTONIC nanoseconds.
@@ -20,12 +20,14 @@ pub mod compile;
 mod flow;
 pub mod locate;
 pub mod model;
+pub mod nft;
 pub mod reconcile;
 pub mod validate;
 
 pub use compile::{compile, DesiredState, Now};
 pub use flow::{Expiry, Flow, FlowEntry, FlowError, Ingress, MapEntry, Protocol};
 pub use model::{Grant, Policy};
+pub use nft::{NftError, NftInput, NftRuleset};
 pub use reconcile::{reconcile, Action};
 pub use validate::{validate, Issue, Resolved};
 

@@ -4,7 +4,7 @@
 //! or group `to` an external service (always through its WireGuard tunnel) or
 //! an internal infrastructure server. Fields that need checking beyond their
 //! type (addresses, protocols, times, references) stay strings here so that
-//! [`crate::validate`] can report every problem at once with its place.
+//! [`crate::validate()`] can report every problem at once with its place.
 
 use serde::{Deserialize, Serialize};
 

@@ -114,6 +114,9 @@ pub struct DataplaneConfig {
     /// How often expired entries are removed from the maps (seconds). The
     /// kernel already refuses them; this only frees the slots.
     pub gc_interval_secs: u64,
+    /// Enforce applied policies a second time with nftables (own `inet
+    /// airlock` table). Manual `flow add` entries are eBPF-only.
+    pub nftables: bool,
 }
 
 impl Default for DataplaneConfig {
@@ -124,6 +127,7 @@ impl Default for DataplaneConfig {
             enable_forwarding: true,
             reply_min_port: 1024,
             gc_interval_secs: 5,
+            nftables: true,
         }
     }
 }
@@ -310,6 +314,26 @@ impl AgentConfig {
             issue("log.counters_interval_secs".into(), "must be between 1 and 86400");
         }
         out
+    }
+
+    /// The nftables layer's input for a policy version, or `None` when the
+    /// layer is off.
+    pub fn nft_input(
+        &self,
+        policy_version: u32,
+    ) -> Result<Option<airlock_policy::nft::NftInput>, airlock_policy::nft::NftError> {
+        use airlock_policy::{nft::NftInput, Ingress};
+        if !self.dataplane.nftables {
+            return Ok(None);
+        }
+        let names =
+            |role: Role| self.ports.iter().filter(move |p| p.role == role).map(|p| p.name.clone());
+        Ok(Some(
+            NftInput::new(policy_version)
+                .with_ports(Ingress::Patient, names(Role::Patient))?
+                .with_ports(Ingress::Uplink, names(Role::Uplink))?
+                .with_reply_min_port(self.dataplane.reply_min_port),
+        ))
     }
 
     /// The directory holding this layout version's pins.

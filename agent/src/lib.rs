@@ -24,5 +24,6 @@ pub mod dataplane;
 pub mod events;
 pub mod maps;
 pub mod netif;
+pub mod nftables;
 pub mod policy_cmd;
 pub mod store;

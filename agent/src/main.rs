@@ -245,7 +245,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             let store =
                 SledStore::open(&cfg.appliance.state_dir).map_err(|e| policy_err(e.into()))?;
             let (removed, upserted) =
-                policy_cmd::apply(&file, &name, &mut maps, &store, policy_cmd::now())
+                policy_cmd::apply(&file, &name, &cfg, &mut maps, &store, policy_cmd::now())
                     .map_err(policy_err)?;
             println!(
                 "applied {} to {name}: {removed} removed, {upserted} added or changed",
@@ -558,6 +558,7 @@ fn apply_last_known_good(cfg: &AgentConfig, dp: &mut Dataplane) {
         &lkg.policy,
         &origin,
         &lkg.appliance,
+        cfg,
         &mut dp.maps,
         now,
     ) {

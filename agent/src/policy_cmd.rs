@@ -11,6 +11,7 @@ use airlock_policy::{
 
 use crate::{
     clock,
+    config::AgentConfig,
     maps::Maps,
     store::{LastKnownGood, StateStore, StoreError},
 };
@@ -44,6 +45,12 @@ pub enum PolicyCmdError {
     /// State store trouble.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The nftables layer's input is invalid (port names).
+    #[error("cannot build the nftables ruleset")]
+    NftInput(#[from] airlock_policy::nft::NftError),
+    /// nft refused or could not run; the eBPF layer already enforces the policy.
+    #[error(transparent)]
+    Nftables(#[from] crate::nftables::NftablesError),
 }
 
 /// The wall and monotonic clocks, read together.
@@ -163,11 +170,14 @@ pub fn diff(old: &Path, new: &Path, now: Now) -> Result<String, PolicyCmdError> 
 }
 
 /// Makes the maps equal `policy`'s entries for `appliance` (minimal changes,
-/// closing first). Returns (removed, upserted).
+/// closing first), then, when `cfg` turns the layer on, replaces the nftables
+/// ruleset with one compiled from the same entries (one transaction).
+/// Returns (removed, upserted) of the eBPF step.
 pub fn apply_policy(
     policy: &Policy,
     origin: &Path,
     appliance: &str,
+    cfg: &AgentConfig,
     maps: &mut Maps,
     now: Now,
 ) -> Result<(usize, usize), PolicyCmdError> {
@@ -197,6 +207,10 @@ pub fn apply_policy(
             }
         }
     }
+    if let Some(input) = cfg.nft_input(policy.version)? {
+        let ruleset = airlock_policy::nft::compile(&input, &want.entries, now.mono_ns);
+        crate::nftables::apply(&ruleset.to_string())?;
+    }
     Ok((removed, upserted))
 }
 
@@ -205,12 +219,13 @@ pub fn apply_policy(
 pub fn apply(
     path: &Path,
     appliance: &str,
+    cfg: &AgentConfig,
     maps: &mut Maps,
     store: &dyn StateStore,
     now: Now,
 ) -> Result<(usize, usize), PolicyCmdError> {
     let policy = read(path)?;
-    let counts = apply_policy(&policy, path, appliance, maps, now)?;
+    let counts = apply_policy(&policy, path, appliance, cfg, maps, now)?;
     let lkg = LastKnownGood {
         format: 1,
         appliance: appliance.to_owned(),

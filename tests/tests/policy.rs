@@ -115,3 +115,52 @@ fn the_last_known_good_policy_is_enforced_after_a_full_reinstall() {
     assert!(tcp_ok(lab.topology().p1(), svc), "the stored policy is enforced at once");
     assert!(!tcp_ok(lab.topology().p2(), svc), "and only it");
 }
+
+#[test]
+fn each_layer_alone_enforces_the_policy() {
+    let mut lab = Lab::start(&unique_prefix()).expect("lab");
+    let (p1, p2, ext, app) = {
+        let t = lab.topology();
+        (
+            t.p1().name().to_owned(),
+            t.p2().name().to_owned(),
+            t.external().name().to_owned(),
+            t.appliance().name().to_owned(),
+        )
+    };
+    let ns = |n: &str| NetNs::existing(n);
+    let svc = serve(&ns(&ext), IpAddr::V4(addr::EXT_V4), 443);
+    let other = serve(&ns(&ext), IpAddr::V4(addr::EXT_V4), 8443);
+    let check = |what: &str| {
+        assert!(tcp_ok(&ns(&p1), svc), "{what}: the policy's flow passes");
+        assert!(!tcp_ok(&ns(&p1), other), "{what}: another port is blocked");
+        assert!(!tcp_ok(&ns(&p2), svc), "{what}: another host is blocked");
+    };
+    apply(&lab, LAB_POLICY);
+    let table = ns(&app).exec("nft", &["list", "table", "inet", "airlock"]).expect("nft table");
+    assert!(table.contains("10.77.0.11 . 10.78.0.100 . tcp . 443"), "{table}");
+    check("both layers");
+
+    // eBPF alone: the nftables table is gone.
+    ns(&app).exec("nft", &["delete", "table", "inet", "airlock"]).expect("delete table");
+    check("eBPF alone");
+
+    // nftables alone: the table is back, the XDP programs are unpinned (agent stopped).
+    apply(&lab, LAB_POLICY);
+    lab.agent_mut().stop().expect("stop");
+    let links = lab.agent().record().pin_dir.join("v1/links");
+    for e in std::fs::read_dir(&links).expect("link pins").flatten() {
+        std::fs::remove_file(e.path()).expect("unpin");
+    }
+    let link = ns(&app).exec("ip", &["link", "show", "patient0"]).expect("ip link");
+    assert!(!link.contains("xdp"), "no XDP program left: {link}");
+    check("nftables alone");
+    let chain =
+        ns(&app).exec("nft", &["list", "chain", "inet", "airlock", "forward"]).expect("chain");
+    let dropped = chain
+        .lines()
+        .find(|l| l.contains("default deny"))
+        .and_then(|l| l.split("packets ").nth(1)?.split_whitespace().next()?.parse::<u64>().ok())
+        .expect("default-deny counter");
+    assert!(dropped > 0, "nftables counted the refused packets: {chain}");
+}

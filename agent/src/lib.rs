@@ -22,6 +22,7 @@ pub mod clock;
 pub mod config;
 pub mod dataplane;
 pub mod events;
+pub mod fault;
 pub mod maps;
 pub mod netif;
 pub mod nftables;

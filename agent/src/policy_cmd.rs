@@ -207,6 +207,7 @@ pub fn apply_policy(
             }
         }
     }
+    crate::fault::point("after-ebpf");
     if let Some(input) = cfg.nft_input(policy.version)? {
         let ruleset = airlock_policy::nft::compile(&input, &want.entries, now.mono_ns);
         crate::nftables::apply(&ruleset.to_string())?;

@@ -164,3 +164,139 @@ fn each_layer_alone_enforces_the_policy() {
         .expect("default-deny counter");
     assert!(dropped > 0, "nftables counted the refused packets: {chain}");
 }
+
+/// `policy apply` with the agent's fault-injection point set: the process
+/// SIGKILLs itself after the eBPF step, before nftables and the save.
+fn apply_and_crash_after_ebpf(lab: &Lab, text: &str) -> std::process::ExitStatus {
+    let r = lab.agent().record();
+    let path = r.state_dir.join("crash.toml");
+    std::fs::write(&path, text).expect("write policy");
+    std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", r.netns))
+        .arg(&r.bin)
+        .args(["--config", &r.config.to_string_lossy(), "policy", "apply", &path.to_string_lossy()])
+        .args(["--appliance", "lab-appliance"])
+        .env("AIRLOCK_FAULT", "after-ebpf")
+        .status()
+        .expect("run the agent")
+}
+
+#[test]
+fn a_crash_between_the_layers_opens_nothing_and_converges_on_restart() {
+    use std::os::unix::process::ExitStatusExt as _;
+    let mut lab = Lab::start(&unique_prefix()).expect("lab");
+    let t = lab.topology();
+    let (p1, app) = (t.p1().name().to_owned(), t.appliance().name().to_owned());
+    let a443 = serve(t.external(), IpAddr::V4(addr::EXT_V4), 443);
+    let a8443 = serve(t.external(), IpAddr::V4(addr::EXT_V4), 8443);
+    apply(&lab, LAB_POLICY);
+    assert!(tcp_ok(&NetNs::existing(&p1), a443));
+
+    // Policy B moves the flow from 443 to 8443.
+    let b = LAB_POLICY
+        .replace(
+            "ports = [{ proto = \"tcp\", port = 443 }",
+            "ports = [{ proto = \"tcp\", port = 443 }, { proto = \"tcp\", port = 8443 }",
+        )
+        .replace("port = 443\nexpires", "port = 8443\nexpires");
+    let status = apply_and_crash_after_ebpf(&lab, &b);
+    assert_eq!(status.signal(), Some(9), "killed between the layers: {status:?}");
+
+    // eBPF now holds B, nftables still A: only what both allow passes, i.e. nothing.
+    let p1ns = NetNs::existing(&p1);
+    assert!(!tcp_ok(&p1ns, a443), "443: eBPF (B) refuses");
+    assert!(!tcp_ok(&p1ns, a8443), "8443: nftables (A) refuses");
+
+    // A restart applies the last-known-good policy (A: B was never acknowledged) to both layers.
+    lab.agent_mut().restart().expect("restart");
+    assert!(tcp_ok(&p1ns, a443), "converged on A");
+    assert!(!tcp_ok(&p1ns, a8443));
+    let flows = lab.agent().cli(&["flow", "list", "--json"]).expect("flow list");
+    assert!(flows.contains("\"dport\": 443") && !flows.contains("8443"), "{flows}");
+    let table =
+        NetNs::existing(&app).exec("nft", &["list", "table", "inet", "airlock"]).expect("nft");
+    assert!(table.contains(". tcp . 443") && !table.contains("8443"), "{table}");
+}
+
+#[test]
+fn a_hundred_policy_swaps_under_a_flood_let_no_disallowed_packet_through() {
+    use std::{
+        collections::BTreeMap,
+        net::UdpSocket,
+        sync::{
+            atomic::{AtomicBool, Ordering},
+            Arc, Mutex,
+        },
+    };
+    let lab = Lab::start(&unique_prefix()).expect("lab");
+    let t = lab.topology();
+    // The service accepts UDP 5001..5003; A allows p1 → 5001, B allows p1 → 5002.
+    // Never allowed: 5003 from p1, anything from p2.
+    let base = LAB_POLICY
+        .replace(
+            "ports = [{ proto = \"tcp\", port = 443 }, { proto = \"icmp\" }]",
+            "ports = [{ proto = \"udp\", port = 5001 }, { proto = \"udp\", port = 5002 }, { proto = \"udp\", port = 5003 }]",
+        )
+        .replace("proto = \"tcp\"\nport = 443", "proto = \"udp\"\nport = PORT");
+    let (pa, pb) = (base.replace("PORT", "5001"), base.replace("PORT", "5002"));
+
+    let seen: Arc<Mutex<BTreeMap<(IpAddr, u16), u64>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    for port in [5001u16, 5002, 5003] {
+        let sock = t
+            .external()
+            .run(move || UdpSocket::bind(SocketAddr::new(IpAddr::V4(addr::EXT_V4), port)))
+            .expect("netns")
+            .expect("bind");
+        sock.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
+        let (seen, stop) = (seen.clone(), stop.clone());
+        thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((_, from)) = sock.recv_from(&mut buf) {
+                    *seen.lock().expect("lock").entry((from.ip(), port)).or_default() += 1;
+                }
+            }
+        });
+    }
+    let mut senders = Vec::new();
+    for host in [t.p1(), t.p2()] {
+        let stop = stop.clone();
+        senders.push(
+            host.spawn(move || -> std::io::Result<u64> {
+                let s = UdpSocket::bind("0.0.0.0:0")?;
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    for port in [5001u16, 5002, 5003] {
+                        let _ = s.send_to(b"x", SocketAddr::new(IpAddr::V4(addr::EXT_V4), port));
+                        n += 1;
+                    }
+                    if n % 300 == 0 {
+                        thread::sleep(Duration::from_millis(1));
+                    }
+                }
+                Ok(n)
+            })
+            .expect("sender"),
+        );
+    }
+    for i in 0..100 {
+        apply(&lab, if i % 2 == 0 { &pa } else { &pb });
+    }
+    stop.store(true, Ordering::Relaxed);
+    let sent: u64 =
+        senders.into_iter().map(|h| h.join().expect("join").expect("netns").expect("send")).sum();
+    thread::sleep(Duration::from_millis(100));
+    let seen = seen.lock().expect("lock").clone();
+    let got =
+        |ip: std::net::Ipv4Addr, port: u16| seen.get(&(IpAddr::V4(ip), port)).copied().unwrap_or(0);
+    assert!(sent > 10_000, "the flood ran: {sent} datagrams");
+    assert!(
+        got(addr::P1_V4, 5001) > 0 && got(addr::P1_V4, 5002) > 0,
+        "the allowed flows passed: {seen:?}"
+    );
+    assert_eq!(got(addr::P1_V4, 5003), 0, "never-allowed port: {seen:?}");
+    for port in [5001, 5002, 5003] {
+        assert_eq!(got(addr::P2_V4, port), 0, "never-allowed host: {seen:?}");
+    }
+}

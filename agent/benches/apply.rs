@@ -84,8 +84,8 @@ fn bench(pin_dir: &std::path::Path) -> Result<()> {
     let input = nft::NftInput::new(1)
         .with_ports(Ingress::Patient, ["patient0"])?
         .with_ports(Ingress::Uplink, ["uplink0"])?;
-    println!("| flows | policy compile | nft compile + render | eBPF full apply | nftables full apply | one-flow change: eBPF | one-flow change: nftables (full replace) |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| flows | policy compile | nft compile + render | eBPF full apply | nftables full apply | one-flow change: eBPF | one-flow change: nftables (element delta) | same change as a full table replace |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     for n in SIZES {
         let text = policy_text(n);
         let now = Now { unix_secs: 1_795_392_000, mono_ns: airlock_agent::clock::monotonic_ns() };
@@ -121,11 +121,21 @@ fn bench(pin_dir: &std::path::Path) -> Result<()> {
         let one = apply_ebpf(&mut maps, &changed, entries, now.mono_ns)?;
         let ebpf_one_ms = ms(t);
         anyhow::ensure!(one == 1, "{one} actions for one change");
+        let old_rs = nft::compile(&input, entries, now.mono_ns);
+        let new_rs = nft::compile(&input, &changed, now.mono_ns);
         let t = Instant::now();
-        nftables::apply(&nft::compile(&input, &changed, now.mono_ns).to_string())?;
+        let script = airlock_policy::nft_delta::delta(&old_rs, &new_rs).context("same shape")?;
+        nftables::apply(&script)?;
         let nft_one_ms = ms(t);
+        anyhow::ensure!(
+            script.lines().count() == 4,
+            "one flow: delete + add in two sets:\n{script}"
+        );
+        let t = Instant::now();
+        nftables::apply(&new_rs.to_string())?;
+        let nft_replace_ms = ms(t);
         println!(
-            "| {n} | {compile_ms:.1} ms | {nft_compile_ms:.1} ms | {ebpf_ms:.1} ms | {nft_ms:.1} ms | {ebpf_one_ms:.2} ms | {nft_one_ms:.1} ms |"
+            "| {n} | {compile_ms:.1} ms | {nft_compile_ms:.1} ms | {ebpf_ms:.1} ms | {nft_ms:.1} ms | {ebpf_one_ms:.2} ms | {nft_one_ms:.1} ms | {nft_replace_ms:.0} ms |"
         );
     }
     Ok(())

@@ -556,6 +556,7 @@ fn apply_last_known_good(cfg: &AgentConfig, dp: &mut Dataplane) {
     let now = airlock_agent::policy_cmd::now();
     match airlock_agent::policy_cmd::apply_policy(
         &lkg.policy,
+        None,
         &origin,
         &lkg.appliance,
         cfg,

@@ -19,6 +19,16 @@ pub enum NftablesError {
     Refused(String),
 }
 
+/// True when the table `inet <name>` exists in this network namespace.
+pub fn table_exists(name: &str) -> bool {
+    Command::new("nft").args(["list", "tables", "inet"]).output().is_ok_and(|o| {
+        o.status.success()
+            && String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.trim() == format!("table inet {name}"))
+    })
+}
+
 /// Applies `ruleset` atomically.
 pub fn apply(ruleset: &str) -> Result<(), NftablesError> {
     let mut child = Command::new("nft")

@@ -175,6 +175,7 @@ pub fn diff(old: &Path, new: &Path, now: Now) -> Result<String, PolicyCmdError> 
 /// Returns (removed, upserted) of the eBPF step.
 pub fn apply_policy(
     policy: &Policy,
+    previous: Option<&Policy>,
     origin: &Path,
     appliance: &str,
     cfg: &AgentConfig,
@@ -210,9 +211,40 @@ pub fn apply_policy(
     crate::fault::point("after-ebpf");
     if let Some(input) = cfg.nft_input(policy.version)? {
         let ruleset = airlock_policy::nft::compile(&input, &want.entries, now.mono_ns);
-        crate::nftables::apply(&ruleset.to_string())?;
+        apply_nftables(&ruleset, previous, appliance, cfg, now)?;
     }
     Ok((removed, upserted))
+}
+
+/// The nftables step: element changes against the previous policy's ruleset
+/// when the table is there (it holds exactly that ruleset: the previous
+/// policy was saved only after its nftables step succeeded), else, or when
+/// that fails, the whole table in one transaction.
+fn apply_nftables(
+    ruleset: &airlock_policy::nft::NftRuleset,
+    previous: Option<&Policy>,
+    appliance: &str,
+    cfg: &AgentConfig,
+    now: Now,
+) -> Result<(), PolicyCmdError> {
+    let old = previous.and_then(|p| {
+        let resolved = validate(p).ok()?;
+        let entries = compile(&resolved, &[], now).ok()?.remove(appliance)?.entries;
+        let input = cfg.nft_input(p.version).ok()??;
+        Some(airlock_policy::nft::compile(&input, &entries, now.mono_ns))
+    });
+    let script = old
+        .filter(|_| crate::nftables::table_exists(ruleset.table()))
+        .and_then(|old| airlock_policy::nft_delta::delta(&old, ruleset));
+    match script {
+        Some(s) if s.is_empty() => Ok(()),
+        Some(s) => crate::nftables::apply(&s).or_else(|e| {
+            tracing::warn!(error = %e, "nftables element update failed; replacing the table");
+            crate::nftables::apply(&ruleset.to_string())
+        }),
+        None => crate::nftables::apply(&ruleset.to_string()),
+    }
+    .map_err(PolicyCmdError::from)
 }
 
 /// `policy apply`: applies the file, then keeps it as the last-known-good
@@ -226,7 +258,8 @@ pub fn apply(
     now: Now,
 ) -> Result<(usize, usize), PolicyCmdError> {
     let policy = read(path)?;
-    let counts = apply_policy(&policy, path, appliance, cfg, maps, now)?;
+    let previous = store.load()?.filter(|l| l.appliance == appliance).map(|l| l.policy);
+    let counts = apply_policy(&policy, previous.as_ref(), path, appliance, cfg, maps, now)?;
     let lkg = LastKnownGood {
         format: 1,
         appliance: appliance.to_owned(),

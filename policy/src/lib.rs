@@ -21,6 +21,7 @@ mod flow;
 pub mod locate;
 pub mod model;
 pub mod nft;
+pub mod nft_delta;
 pub mod reconcile;
 pub mod validate;
 

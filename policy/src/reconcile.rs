@@ -21,12 +21,15 @@ pub enum Action {
 pub const EXPIRY_TOLERANCE_NS: u64 = 2_000_000_000;
 
 /// True when `a` and `b` differ in nothing that matters to the dataplane.
+/// The policy version is provenance, not behaviour: an entry a new version
+/// leaves unchanged keeps the version that wrote it (otherwise every new
+/// version would rewrite every entry on both layers).
 pub fn same(a: &FlowEntry, b: &FlowEntry) -> bool {
     let expiry_same = match (a.expiry, b.expiry) {
         (Expiry::At(x), Expiry::At(y)) => x.abs_diff(y) < EXPIRY_TOLERANCE_NS,
         (x, y) => x == y,
     };
-    expiry_same && FlowEntry { expiry: b.expiry, ..*a } == *b
+    expiry_same && FlowEntry { expiry: b.expiry, policy_version: b.policy_version, ..*a } == *b
 }
 
 /// The actions that turn `observed` into the entries of `desired` that are
@@ -132,6 +135,11 @@ mod tests {
         assert!(reconcile(&[a], &[a], 10).is_empty(), "converged state needs nothing");
         let jitter = FlowEntry { expiry: Expiry::At(100 + EXPIRY_TOLERANCE_NS - 1), ..a };
         assert!(reconcile(&[jitter], &[a], 10).is_empty(), "clock-reading jitter is no change");
+        let next_version = FlowEntry { policy_version: 2, ..a };
+        assert!(
+            reconcile(&[next_version], &[a], 10).is_empty(),
+            "a new version alone rewrites nothing"
+        );
         let later = FlowEntry { expiry: Expiry::At(100 + EXPIRY_TOLERANCE_NS), ..a };
         assert_eq!(reconcile(&[later], &[a], 10), [Action::Upsert(later)]);
         // An expired desired entry is removed from the maps.

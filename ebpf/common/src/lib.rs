@@ -20,6 +20,8 @@
 #![no_std]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+#[cfg(any(test, feature = "host"))]
+pub mod host;
 pub mod layout;
 pub mod parse;
 pub mod verdict;

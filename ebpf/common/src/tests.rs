@@ -2,12 +2,12 @@
 
 extern crate std;
 
-use std::{cell::Cell, collections::BTreeMap, vec, vec::Vec};
+use std::{cell::Cell, vec, vec::Vec};
 
 use crate::{
     layout::*,
     parse::{ethertype, icmp, parse, tcp_flags, FrameKind},
-    verdict::{decide, Action, Direction, EntryMeta, FlowTable},
+    verdict::{decide, Action, Direction},
 };
 
 // ---- frame builders -------------------------------------------------------
@@ -112,40 +112,7 @@ const EXT_6: [u8; 16] = [0xfd, 0, 0, 0xa1, 0, 0x78, 0, 0, 0, 0, 0, 0, 0, 0, 0x01
 
 // ---- a flow table on the host ---------------------------------------------
 
-#[derive(Default)]
-struct Table {
-    v4: BTreeMap<FlowKeyV4, FlowValue>,
-    v6: BTreeMap<FlowKeyV6, FlowValue>,
-    local: Vec<LocalAddrKey>,
-}
-
-impl FlowTable for Table {
-    type Entry = FlowValue;
-    const NO_ENTRY: FlowValue = FlowValue {
-        expires_ns: 0,
-        packets: 0,
-        bytes: 0,
-        reply_packets: 0,
-        reply_bytes: 0,
-        rule_id: 0,
-        policy_version: 0,
-        ingress: 0,
-        flags: 0,
-        pad: [0; 6],
-    };
-    fn get_v4(&self, key: &FlowKeyV4) -> Option<FlowValue> {
-        self.v4.get(key).copied()
-    }
-    fn get_v6(&self, key: &FlowKeyV6) -> Option<FlowValue> {
-        self.v6.get(key).copied()
-    }
-    fn meta(&self, e: FlowValue) -> EntryMeta {
-        EntryMeta { expires_ns: e.expires_ns, ingress: e.ingress, flags: e.flags }
-    }
-    fn is_local(&self, key: &LocalAddrKey) -> bool {
-        self.local.contains(key)
-    }
-}
+type Table = crate::host::HostTable;
 
 fn entry(expires_ns: u64, flags: u8, rule_id: u32) -> FlowValue {
     FlowValue { expires_ns, rule_id, ingress: PortRole::Patient as u8, flags, ..Default::default() }

@@ -13,29 +13,40 @@
 //! add table inet airlock        ┐ one `nft -f` = one transaction: make sure the
 //! delete table inet airlock     │ table exists, delete it, define it anew, so
 //! table inet airlock { … }      ┘ the whole table is replaced atomically
-//!   set patient_ports, uplink_ports          type ifname (the appliance's ports by role)
-//!   set flow4_<role>   saddr . daddr . l4proto . dport   TCP/UDP entries entering on <role>
-//!   set reply4_<role>  the same key                      those of them that allow replies
-//!   set echo4_<role>   saddr . daddr                     ICMP echo entries entering on <role>
-//!   set echoreply4_<role>                                those of them that allow replies
-//!   (and the same eight for IPv6: flow6_…, reply6_…, echo6_…, echoreply6_…)
+//!   set patient_ports, uplink_ports    type ifname (the appliance's ports by role)
+//!   set flow4_<role>         saddr . daddr . l4proto . dport   TCP/UDP entries entering
+//!                                                    on <role> that allow replies
+//!   set flownoreply4_<role>  the same key            those that do not
+//!   set echo4_<role>         saddr . daddr           ICMP echo entries entering on
+//!                                                    <role> that allow replies
+//!   set echonoreply4_<role>  the same key            those that do not
+//!   (and the same four for IPv6: flow6_…, flownoreply6_…, echo6_…, echonoreply6_…)
 //!   chain forward   type filter hook forward priority filter; policy drop;
 //!     ct state invalid counter drop
 //!     per family and entry role R (opposite side R'):
-//!       iifname @R_ports  saddr . daddr . l4proto . dport @flowF_R        accept
-//!       iifname @R_ports  icmp echo-request  saddr . daddr @echoF_R      accept
+//!       iifname @R_ports  saddr . daddr . l4proto . dport @flowF_R          accept
+//!       iifname @R_ports  saddr . daddr . l4proto . dport @flownoreplyF_R   accept
+//!       iifname @R_ports  icmp echo-request  saddr . daddr @echoF_R        accept
+//!       iifname @R_ports  icmp echo-request  saddr . daddr @echonoreplyF_R accept
 //!       iifname @R'_ports ct established reply  tcp, not a bare SYN, dport ≥ floor
-//!                         daddr . saddr . l4proto . sport @replyF_R      accept
+//!                         daddr . saddr . l4proto . sport @flowF_R         accept
 //!       iifname @R'_ports ct established reply  udp dport ≥ floor   (same lookup) accept
 //!       iifname @R'_ports ct established reply  icmp echo-reply
-//!                         daddr . saddr @echoreplyF_R                    accept
+//!                         daddr . saddr @echoF_R                           accept
 //!     counter drop      (explicit: the chain policy alone leaked packets during
 //!                        an atomic table replacement — measured)
 //! ```
 //!
+//! Every entry is an element of exactly one set: replies are looked up with the
+//! packet reversed in the same set as the forward direction, so nft loads one
+//! element per entry. Entries without replies (`reply = false` in the policy)
+//! are kept in the `…noreply…` sets, which no reply rule looks at.
+//!
 //! Every element carries `comment "rule <id> v<version>"`, a per-element counter
-//! (the sets are declared with `counter`; the forward and reply sets therefore
-//! count the two directions separately, like the eBPF value's counters) and,
+//! (the sets are declared with `counter`; an element of a `flow`/`echo` set
+//! therefore counts the packets and bytes of *both* directions together, unlike
+//! the eBPF value, which counts replies separately; an element of a `…noreply…`
+//! set counts the forward direction only) and,
 //! when the entry expires, `timeout <secs>s`: the time left at compile time,
 //! rounded *up* to whole seconds (at least 1 s, at most [`MAX_TIMEOUT_SECS`]).
 //! Infrastructure entries have no timeout. Entries already expired at compile
@@ -95,6 +106,8 @@
 //! - Conntrack marks out-of-window or odd-flag TCP segments `invalid`; they are
 //!   dropped here and may pass the eBPF layer.
 //! - nftables sees reassembled fragments; the eBPF parser drops every fragment.
+//! - Counters: an nftables element counts both directions of its flow together
+//!   (replies hit the forward element); the eBPF value counts replies apart.
 
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 
@@ -330,38 +343,42 @@ impl Family {
     }
 }
 
-/// What a set holds and how a packet is looked up in it.
+/// What a set holds. Every entry is in exactly one set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum SetKind {
-    /// TCP/UDP entries; looked up as `saddr . daddr . meta l4proto . th dport`.
+    /// TCP/UDP entries that allow replies; looked up as
+    /// `saddr . daddr . meta l4proto . th dport`, and with the packet reversed
+    /// (`daddr . saddr . meta l4proto . th sport`) for their replies.
     Flow,
-    /// TCP/UDP entries that allow replies; looked up with the packet reversed:
-    /// `daddr . saddr . meta l4proto . th sport`.
-    Reply,
-    /// ICMP echo entries; looked up as `saddr . daddr`.
+    /// TCP/UDP entries without replies; looked up forward only.
+    FlowNoReply,
+    /// ICMP echo entries that allow replies; looked up as `saddr . daddr`, and
+    /// as `daddr . saddr` for echo replies.
     Echo,
-    /// ICMP echo entries that allow replies; looked up as `daddr . saddr`.
-    EchoReply,
+    /// ICMP echo entries without replies; looked up forward only.
+    EchoNoReply,
 }
 
 impl SetKind {
-    const ALL: [SetKind; 4] = [SetKind::Flow, SetKind::Reply, SetKind::Echo, SetKind::EchoReply];
+    const ALL: [SetKind; 4] =
+        [SetKind::Flow, SetKind::FlowNoReply, SetKind::Echo, SetKind::EchoNoReply];
 
     const fn prefix(self) -> &'static str {
         match self {
             SetKind::Flow => "flow",
-            SetKind::Reply => "reply",
+            SetKind::FlowNoReply => "flownoreply",
             SetKind::Echo => "echo",
-            SetKind::EchoReply => "echoreply",
+            SetKind::EchoNoReply => "echonoreply",
         }
     }
     /// True when the key has protocol and port.
     pub const fn has_port(self) -> bool {
-        matches!(self, SetKind::Flow | SetKind::Reply)
+        matches!(self, SetKind::Flow | SetKind::FlowNoReply)
     }
-    /// True when the packet is looked up reversed (reply direction).
-    pub const fn reversed(self) -> bool {
-        matches!(self, SetKind::Reply | SetKind::EchoReply)
+    /// True when the entries allow replies (the reply rules look the reversed
+    /// packet up in these sets).
+    pub const fn allows_reply(self) -> bool {
+        matches!(self, SetKind::Flow | SetKind::Echo)
     }
 }
 
@@ -388,9 +405,9 @@ impl SetId {
         };
         let k = match self.kind {
             SetKind::Flow => 0,
-            SetKind::Reply => 1,
+            SetKind::FlowNoReply => 1,
             SetKind::Echo => 2,
-            SetKind::EchoReply => 3,
+            SetKind::EchoNoReply => 3,
         };
         f * 8 + r * 4 + k
     }
@@ -404,11 +421,12 @@ impl SetId {
         })
     }
 
-    /// The lookup expression, e.g. `ip saddr . ip daddr . meta l4proto . th dport`.
-    fn key_expr(self) -> String {
+    /// The lookup expression, e.g. `ip saddr . ip daddr . meta l4proto . th dport`,
+    /// or reversed for replies: `ip daddr . ip saddr . meta l4proto . th sport`.
+    fn key_expr(self, reversed: bool) -> String {
         let p = self.family.payload();
-        let (a, b) = if self.kind.reversed() { ("daddr", "saddr") } else { ("saddr", "daddr") };
-        let port = if self.kind.reversed() { "sport" } else { "dport" };
+        let (a, b) = if reversed { ("daddr", "saddr") } else { ("saddr", "daddr") };
+        let port = if reversed { "sport" } else { "dport" };
         if self.kind.has_port() {
             format!("{p} {a} . {p} {b} . meta l4proto . th {port}")
         } else {
@@ -542,6 +560,9 @@ pub enum NftMatch {
     },
     /// A lookup of the packet's key in one of the flow sets.
     Lookup(SetId),
+    /// A lookup of the packet's key reversed (destination, source and, for
+    /// TCP/UDP, source port): the packet is a reply to one of the set's flows.
+    ReplyLookup(SetId),
 }
 
 impl fmt::Display for NftMatch {
@@ -562,7 +583,8 @@ impl fmt::Display for NftMatch {
                 };
                 write!(f, "{} type {name}", family.icmp())
             }
-            NftMatch::Lookup(id) => write!(f, "{} @{id}", id.key_expr()),
+            NftMatch::Lookup(id) => write!(f, "{} @{id}", id.key_expr(false)),
+            NftMatch::ReplyLookup(id) => write!(f, "{} @{id}", id.key_expr(true)),
         }
     }
 }
@@ -641,19 +663,15 @@ pub fn compile(input: &NftInput, entries: &[FlowEntry], now_ns: u64) -> NftRules
             policy_version: e.policy_version,
         };
         let family = Family::of(e.flow.dst());
-        let (fwd, reply) = match e.flow.protocol() {
-            Protocol::Icmp => (SetKind::Echo, SetKind::EchoReply),
-            Protocol::Tcp | Protocol::Udp => (SetKind::Flow, SetKind::Reply),
+        let kind = match (e.flow.protocol(), e.allow_reply) {
+            (Protocol::Icmp, true) => SetKind::Echo,
+            (Protocol::Icmp, false) => SetKind::EchoNoReply,
+            (Protocol::Tcp | Protocol::Udp, true) => SetKind::Flow,
+            (Protocol::Tcp | Protocol::Udp, false) => SetKind::FlowNoReply,
         };
-        let mut kinds = vec![fwd];
-        if e.allow_reply {
-            kinds.push(reply);
-        }
-        for kind in kinds {
-            let id = SetId { family, ingress: e.ingress, kind };
-            if let Some(set) = sets.get_mut(id.slot()) {
-                set.insert(element);
-            }
+        let id = SetId { family, ingress: e.ingress, kind };
+        if let Some(set) = sets.get_mut(id.slot()) {
+            set.insert(element);
         }
     }
     NftRuleset {
@@ -679,31 +697,36 @@ fn forward_chain(floor: u16) -> Vec<NftRule> {
     for family in [Family::V4, Family::V6] {
         for ingress in [Ingress::Patient, Ingress::Uplink] {
             let set = |kind| NftMatch::Lookup(SetId { family, ingress, kind });
+            let reply_of = |kind| NftMatch::ReplyLookup(SetId { family, ingress, kind });
             let back = NftMatch::Iif(opposite(ingress));
-            rules.push(accept(vec![NftMatch::Iif(ingress), set(SetKind::Flow)]));
-            rules.push(accept(vec![
-                NftMatch::Iif(ingress),
-                NftMatch::IcmpType { family, icmp_type: family.echo_request() },
-                set(SetKind::Echo),
-            ]));
+            for kind in [SetKind::Flow, SetKind::FlowNoReply] {
+                rules.push(accept(vec![NftMatch::Iif(ingress), set(kind)]));
+            }
+            for kind in [SetKind::Echo, SetKind::EchoNoReply] {
+                rules.push(accept(vec![
+                    NftMatch::Iif(ingress),
+                    NftMatch::IcmpType { family, icmp_type: family.echo_request() },
+                    set(kind),
+                ]));
+            }
             rules.push(accept(vec![
                 back,
                 NftMatch::CtEstablishedReply,
                 NftMatch::TcpNotBareSyn,
                 NftMatch::DportAtLeast { protocol: Protocol::Tcp, port: floor },
-                set(SetKind::Reply),
+                reply_of(SetKind::Flow),
             ]));
             rules.push(accept(vec![
                 back,
                 NftMatch::CtEstablishedReply,
                 NftMatch::DportAtLeast { protocol: Protocol::Udp, port: floor },
-                set(SetKind::Reply),
+                reply_of(SetKind::Flow),
             ]));
             rules.push(accept(vec![
                 back,
                 NftMatch::CtEstablishedReply,
                 NftMatch::IcmpType { family, icmp_type: family.echo_reply() },
-                set(SetKind::EchoReply),
+                reply_of(SetKind::Echo),
             ]));
         }
     }
@@ -899,25 +922,26 @@ impl NftRuleset {
             NftMatch::IcmpType { family, icmp_type } => {
                 pkt.family() == Some(family) && pkt.l4 == L4::Icmp { icmp_type }
             }
-            NftMatch::Lookup(id) => self.lookup(id, pkt, now_ns),
+            NftMatch::Lookup(id) => self.lookup(id, false, pkt, now_ns),
+            NftMatch::ReplyLookup(id) => self.lookup(id, true, pkt, now_ns),
         }
     }
 
-    /// A set lookup: the packet's key (reversed for the reply sets) is an element
-    /// that has not timed out. Keys that no [`Flow`] can have (same addresses,
-    /// port 0, multicast, …) are never elements, so they miss.
-    fn lookup(&self, id: SetId, pkt: &PacketMeta, now_ns: u64) -> bool {
+    /// A set lookup: the packet's key (reversed for a reply lookup) is an
+    /// element that has not timed out. Keys that no [`Flow`] can have (same
+    /// addresses, port 0, multicast, …) are never elements, so they miss.
+    fn lookup(&self, id: SetId, reversed: bool, pkt: &PacketMeta, now_ns: u64) -> bool {
         if pkt.family() != Some(id.family) {
             return false;
         }
-        let (a, b) = if id.kind.reversed() { (pkt.dst, pkt.src) } else { (pkt.src, pkt.dst) };
+        let (a, b) = if reversed { (pkt.dst, pkt.src) } else { (pkt.src, pkt.dst) };
         let key = if id.kind.has_port() {
             let (protocol, sport, dport) = match pkt.l4 {
                 L4::Tcp { sport, dport, .. } => (Protocol::Tcp, sport, dport),
                 L4::Udp { sport, dport } => (Protocol::Udp, sport, dport),
                 L4::Icmp { .. } | L4::Other { .. } => return false,
             };
-            Flow::new(a, b, protocol, Some(if id.kind.reversed() { sport } else { dport }))
+            Flow::new(a, b, protocol, Some(if reversed { sport } else { dport }))
         } else {
             Flow::new(a, b, Protocol::Icmp, None)
         };
@@ -998,8 +1022,9 @@ mod tests {
     };
 
     use airlock_ebpf_common::{
-        layout::{proto, FlowKeyV4, FlowKeyV6, FlowValue, LocalAddrKey},
-        verdict::{self, Action, Direction, EntryMeta, FlowTable},
+        host::HostTable,
+        layout::proto,
+        verdict::{self, Action, Direction},
         Frame, FrameKind,
     };
     use proptest::{
@@ -1057,7 +1082,7 @@ mod tests {
                 true,
                 Expiry::At(NOW0 + 29_500_000_000),
             ),
-            // IPv6 UDP without replies: only in the forward set.
+            // IPv6 UDP without replies: in the no-reply set, which no reply rule reads.
             entry(
                 "fd00:a1:77::11",
                 "fd00:a1:78::100",
@@ -1118,14 +1143,10 @@ table inet airlock {
 		}
 	}
 
-	set reply4_patient {
+	set flownoreply4_patient {
 		type ipv4_addr . ipv4_addr . inet_proto . inet_service
 		flags timeout
 		counter
-		elements = {
-			10.77.0.11 . 10.78.0.53 . udp . 53 comment "rule 4 v3",
-			10.77.0.11 . 10.78.0.100 . tcp . 443 timeout 30s comment "rule 1 v3"
-		}
 	}
 
 	set echo4_patient {
@@ -1137,13 +1158,10 @@ table inet airlock {
 		}
 	}
 
-	set echoreply4_patient {
+	set echonoreply4_patient {
 		type ipv4_addr . ipv4_addr
 		flags timeout
 		counter
-		elements = {
-			10.77.0.11 . 10.78.0.1 timeout 1s comment "rule 3 v3"
-		}
 	}
 
 	set flow4_uplink {
@@ -1152,7 +1170,7 @@ table inet airlock {
 		counter
 	}
 
-	set reply4_uplink {
+	set flownoreply4_uplink {
 		type ipv4_addr . ipv4_addr . inet_proto . inet_service
 		flags timeout
 		counter
@@ -1167,16 +1185,19 @@ table inet airlock {
 		}
 	}
 
-	set echoreply4_uplink {
+	set echonoreply4_uplink {
 		type ipv4_addr . ipv4_addr
 		flags timeout
 		counter
-		elements = {
-			10.78.0.200 . 10.77.0.11 comment "rule 5 v3"
-		}
 	}
 
 	set flow6_patient {
+		type ipv6_addr . ipv6_addr . inet_proto . inet_service
+		flags timeout
+		counter
+	}
+
+	set flownoreply6_patient {
 		type ipv6_addr . ipv6_addr . inet_proto . inet_service
 		flags timeout
 		counter
@@ -1185,19 +1206,13 @@ table inet airlock {
 		}
 	}
 
-	set reply6_patient {
-		type ipv6_addr . ipv6_addr . inet_proto . inet_service
-		flags timeout
-		counter
-	}
-
 	set echo6_patient {
 		type ipv6_addr . ipv6_addr
 		flags timeout
 		counter
 	}
 
-	set echoreply6_patient {
+	set echonoreply6_patient {
 		type ipv6_addr . ipv6_addr
 		flags timeout
 		counter
@@ -1209,7 +1224,7 @@ table inet airlock {
 		counter
 	}
 
-	set reply6_uplink {
+	set flownoreply6_uplink {
 		type ipv6_addr . ipv6_addr . inet_proto . inet_service
 		flags timeout
 		counter
@@ -1221,7 +1236,7 @@ table inet airlock {
 		counter
 	}
 
-	set echoreply6_uplink {
+	set echonoreply6_uplink {
 		type ipv6_addr . ipv6_addr
 		flags timeout
 		counter
@@ -1231,25 +1246,33 @@ table inet airlock {
 		type filter hook forward priority filter; policy drop;
 		ct state invalid counter drop comment "conntrack: invalid"
 		iifname @patient_ports ip saddr . ip daddr . meta l4proto . th dport @flow4_patient accept
+		iifname @patient_ports ip saddr . ip daddr . meta l4proto . th dport @flownoreply4_patient accept
 		iifname @patient_ports icmp type echo-request ip saddr . ip daddr @echo4_patient accept
-		iifname @uplink_ports ct state established ct direction reply tcp flags & (syn | ack) != syn tcp dport >= 1024 ip daddr . ip saddr . meta l4proto . th sport @reply4_patient accept
-		iifname @uplink_ports ct state established ct direction reply udp dport >= 1024 ip daddr . ip saddr . meta l4proto . th sport @reply4_patient accept
-		iifname @uplink_ports ct state established ct direction reply icmp type echo-reply ip daddr . ip saddr @echoreply4_patient accept
+		iifname @patient_ports icmp type echo-request ip saddr . ip daddr @echonoreply4_patient accept
+		iifname @uplink_ports ct state established ct direction reply tcp flags & (syn | ack) != syn tcp dport >= 1024 ip daddr . ip saddr . meta l4proto . th sport @flow4_patient accept
+		iifname @uplink_ports ct state established ct direction reply udp dport >= 1024 ip daddr . ip saddr . meta l4proto . th sport @flow4_patient accept
+		iifname @uplink_ports ct state established ct direction reply icmp type echo-reply ip daddr . ip saddr @echo4_patient accept
 		iifname @uplink_ports ip saddr . ip daddr . meta l4proto . th dport @flow4_uplink accept
+		iifname @uplink_ports ip saddr . ip daddr . meta l4proto . th dport @flownoreply4_uplink accept
 		iifname @uplink_ports icmp type echo-request ip saddr . ip daddr @echo4_uplink accept
-		iifname @patient_ports ct state established ct direction reply tcp flags & (syn | ack) != syn tcp dport >= 1024 ip daddr . ip saddr . meta l4proto . th sport @reply4_uplink accept
-		iifname @patient_ports ct state established ct direction reply udp dport >= 1024 ip daddr . ip saddr . meta l4proto . th sport @reply4_uplink accept
-		iifname @patient_ports ct state established ct direction reply icmp type echo-reply ip daddr . ip saddr @echoreply4_uplink accept
+		iifname @uplink_ports icmp type echo-request ip saddr . ip daddr @echonoreply4_uplink accept
+		iifname @patient_ports ct state established ct direction reply tcp flags & (syn | ack) != syn tcp dport >= 1024 ip daddr . ip saddr . meta l4proto . th sport @flow4_uplink accept
+		iifname @patient_ports ct state established ct direction reply udp dport >= 1024 ip daddr . ip saddr . meta l4proto . th sport @flow4_uplink accept
+		iifname @patient_ports ct state established ct direction reply icmp type echo-reply ip daddr . ip saddr @echo4_uplink accept
 		iifname @patient_ports ip6 saddr . ip6 daddr . meta l4proto . th dport @flow6_patient accept
+		iifname @patient_ports ip6 saddr . ip6 daddr . meta l4proto . th dport @flownoreply6_patient accept
 		iifname @patient_ports icmpv6 type echo-request ip6 saddr . ip6 daddr @echo6_patient accept
-		iifname @uplink_ports ct state established ct direction reply tcp flags & (syn | ack) != syn tcp dport >= 1024 ip6 daddr . ip6 saddr . meta l4proto . th sport @reply6_patient accept
-		iifname @uplink_ports ct state established ct direction reply udp dport >= 1024 ip6 daddr . ip6 saddr . meta l4proto . th sport @reply6_patient accept
-		iifname @uplink_ports ct state established ct direction reply icmpv6 type echo-reply ip6 daddr . ip6 saddr @echoreply6_patient accept
+		iifname @patient_ports icmpv6 type echo-request ip6 saddr . ip6 daddr @echonoreply6_patient accept
+		iifname @uplink_ports ct state established ct direction reply tcp flags & (syn | ack) != syn tcp dport >= 1024 ip6 daddr . ip6 saddr . meta l4proto . th sport @flow6_patient accept
+		iifname @uplink_ports ct state established ct direction reply udp dport >= 1024 ip6 daddr . ip6 saddr . meta l4proto . th sport @flow6_patient accept
+		iifname @uplink_ports ct state established ct direction reply icmpv6 type echo-reply ip6 daddr . ip6 saddr @echo6_patient accept
 		iifname @uplink_ports ip6 saddr . ip6 daddr . meta l4proto . th dport @flow6_uplink accept
+		iifname @uplink_ports ip6 saddr . ip6 daddr . meta l4proto . th dport @flownoreply6_uplink accept
 		iifname @uplink_ports icmpv6 type echo-request ip6 saddr . ip6 daddr @echo6_uplink accept
-		iifname @patient_ports ct state established ct direction reply tcp flags & (syn | ack) != syn tcp dport >= 1024 ip6 daddr . ip6 saddr . meta l4proto . th sport @reply6_uplink accept
-		iifname @patient_ports ct state established ct direction reply udp dport >= 1024 ip6 daddr . ip6 saddr . meta l4proto . th sport @reply6_uplink accept
-		iifname @patient_ports ct state established ct direction reply icmpv6 type echo-reply ip6 daddr . ip6 saddr @echoreply6_uplink accept
+		iifname @uplink_ports icmpv6 type echo-request ip6 saddr . ip6 daddr @echonoreply6_uplink accept
+		iifname @patient_ports ct state established ct direction reply tcp flags & (syn | ack) != syn tcp dport >= 1024 ip6 daddr . ip6 saddr . meta l4proto . th sport @flow6_uplink accept
+		iifname @patient_ports ct state established ct direction reply udp dport >= 1024 ip6 daddr . ip6 saddr . meta l4proto . th sport @flow6_uplink accept
+		iifname @patient_ports ct state established ct direction reply icmpv6 type echo-reply ip6 daddr . ip6 saddr @echo6_uplink accept
 		counter drop comment "default deny"
 	}
 }
@@ -1298,10 +1321,12 @@ table inet airlock {
         let b = FlowEntry { rule_id: 9, expiry: Expiry::At(NOW0 + 20 * S), ..a };
         let ab = compile(&input, &[a, b], NOW0);
         assert_eq!(ab.to_string(), compile(&input, &[b, a], NOW0).to_string());
-        let set = ab
-            .set(SetId { family: Family::V4, ingress: Ingress::Patient, kind: SetKind::Flow })
-            .unwrap();
-        assert_eq!(set.elements().map(|e| e.rule_id).collect::<Vec<_>>(), [9]);
+        let rules = |rs: &NftRuleset, kind| {
+            let id = SetId { family: Family::V4, ingress: Ingress::Patient, kind };
+            rs.set(id).unwrap().elements().map(|e| e.rule_id).collect::<Vec<_>>()
+        };
+        assert_eq!(rules(&ab, SetKind::FlowNoReply), [9]);
+        assert_eq!(rules(&ab, SetKind::Flow), [0u32; 0], "no replies: not in the flow set");
     }
 
     #[test]
@@ -1442,52 +1467,16 @@ table inet airlock {
 
     // ---- agreement with the eBPF verdict (property test) ------------------------
 
-    /// The eBPF flow maps on the host, as in ebpf/common/src/tests.rs.
-    #[derive(Default)]
-    struct HostTable {
-        v4: BTreeMap<FlowKeyV4, FlowValue>,
-        v6: BTreeMap<FlowKeyV6, FlowValue>,
-    }
-
-    impl HostTable {
-        fn new(entries: &[FlowEntry]) -> Self {
-            let mut t = Self::default();
-            for e in entries {
-                match e.to_map() {
-                    MapEntry::V4(k, v) => t.v4.insert(k, v),
-                    MapEntry::V6(k, v) => t.v6.insert(k, v),
-                };
-            }
-            t
+    /// The eBPF flow maps on the host, holding `entries` as the agent writes them.
+    fn host_table(entries: &[FlowEntry]) -> HostTable {
+        let mut t = HostTable::default();
+        for e in entries {
+            match e.to_map() {
+                MapEntry::V4(k, v) => t.v4.insert(k, v),
+                MapEntry::V6(k, v) => t.v6.insert(k, v),
+            };
         }
-    }
-
-    impl FlowTable for HostTable {
-        type Entry = FlowValue;
-        const NO_ENTRY: FlowValue = FlowValue {
-            expires_ns: 0,
-            packets: 0,
-            bytes: 0,
-            reply_packets: 0,
-            reply_bytes: 0,
-            rule_id: 0,
-            policy_version: 0,
-            ingress: 0,
-            flags: 0,
-            pad: [0; 6],
-        };
-        fn get_v4(&self, key: &FlowKeyV4) -> Option<FlowValue> {
-            self.v4.get(key).copied()
-        }
-        fn get_v6(&self, key: &FlowKeyV6) -> Option<FlowValue> {
-            self.v6.get(key).copied()
-        }
-        fn meta(&self, e: FlowValue) -> EntryMeta {
-            EntryMeta { expires_ns: e.expires_ns, ingress: e.ingress, flags: e.flags }
-        }
-        fn is_local(&self, _: &LocalAddrKey) -> bool {
-            false
-        }
+        t
     }
 
     /// The parsed frame the XDP program would hand to `decide`.
@@ -1855,7 +1844,7 @@ table inet airlock {
             reversed.reverse();
             prop_assert_eq!(compile(&input, &reversed, NOW0).to_string(), rs.to_string());
 
-            let table = HostTable::new(&entries);
+            let table = host_table(&entries);
             // The eBPF entries as nftables times them (rounded up to seconds).
             let rounded: Vec<FlowEntry> = entries
                 .iter()
@@ -1866,7 +1855,7 @@ table inet airlock {
                     _ => *e,
                 })
                 .collect();
-            let rounded = HostTable::new(&rounded);
+            let rounded = host_table(&rounded);
             for seed in &packet_seeds {
                 let (p, label) = packet_of(seed, &entries);
                 let p = with_conntrack(&rs, p, label);
@@ -2020,6 +2009,14 @@ table inet airlock {
         let rs = compile(&input, &entries, NOW0);
         let elements: usize = rs.sets().iter().map(NftSet::len).sum();
         assert!(elements > 300, "the spread should fill the sets: {elements}");
+        // One element per live entry (entries of the same key, side and reply
+        // choice merge).
+        let live: std::collections::HashSet<_> = entries
+            .iter()
+            .filter(|e| e.is_live(NOW0))
+            .map(|e| (e.flow, e.ingress, e.allow_reply))
+            .collect();
+        assert_eq!(elements, live.len(), "one element per live entry");
         nft_check(&rs.to_string());
     }
 }

@@ -63,7 +63,7 @@ fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
     std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))
 }
 
-pub fn up(prefix: &str, detach: bool) -> Result<()> {
+pub fn up(prefix: &str, detach: bool, policy: Option<&Path>) -> Result<()> {
     names::validate_prefix(prefix)?;
     let existing = names::lab_namespaces(prefix);
     if let Some(status) = healthy_lab(prefix) {
@@ -91,7 +91,7 @@ pub fn up(prefix: &str, detach: bool) -> Result<()> {
     bail_if_interrupted()?;
     let dir = state_dir(prefix);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let result = start(prefix, &bin, &dir, detach);
+    let result = start(prefix, &bin, &dir, detach, policy);
     if result.is_err() || !detach {
         if let Err(e) = std::fs::remove_dir_all(&dir) {
             eprintln!("warning: removing {}: {e}", dir.display());
@@ -107,7 +107,7 @@ fn build_agent() -> Result<PathBuf> {
     Ok(airlock_testbed::target_dir().join("debug").join("airlock-agent"))
 }
 
-fn start(prefix: &str, bin: &Path, dir: &Path, detach: bool) -> Result<()> {
+fn start(prefix: &str, bin: &Path, dir: &Path, detach: bool, policy: Option<&Path>) -> Result<()> {
     let step = Step::start(format!("building lab '{prefix}' and starting the agent"));
     let lab = Lab::start_with(LabOptions {
         state_dir: Some(dir.join("agent")),
@@ -125,7 +125,15 @@ fn start(prefix: &str, bin: &Path, dir: &Path, detach: bool) -> Result<()> {
     let status = lab.status();
     write_json(&dir.join("status.json"), &status)?;
     step.ok_with("enforcing");
-    print_summary(&status, &record.agent, detach);
+    if let Some(p) = policy {
+        let step = Step::start(format!("applying {} to both layers", p.display()));
+        let out = lab
+            .agent()
+            .cli(&["policy", "apply", &p.to_string_lossy(), "--appliance", "lab-appliance"])
+            .with_context(|| format!("applying {}", p.display()))?;
+        step.ok_with(out.trim());
+    }
+    print_summary(&status, &record.agent, detach, policy);
     if detach {
         lab.into_detached();
         return Ok(());
@@ -163,7 +171,7 @@ fn watch(lab: &Lab) -> Result<()> {
     }
 }
 
-fn print_summary(status: &LabStatus, agent: &AgentRecord, detach: bool) {
+fn print_summary(status: &LabStatus, agent: &AgentRecord, detach: bool, policy: Option<&Path>) {
     let nsenter = format!(
         "nsenter --net=/run/netns/{} {} --config {}",
         agent.netns,
@@ -171,10 +179,18 @@ fn print_summary(status: &LabStatus, agent: &AgentRecord, detach: bool) {
         agent.config.display()
     );
     println!();
-    println!(
-        "lab '{}' is up; the appliance enforces default-drop (no flow allowed yet)",
-        status.lab
-    );
+    match policy {
+        Some(p) => println!(
+            "lab '{}' is up; the appliance enforces {} on both layers (eBPF and nftables), \
+             everything else is dropped",
+            status.lab,
+            p.display()
+        ),
+        None => println!(
+            "lab '{}' is up; the appliance enforces default-drop (no flow allowed yet)",
+            status.lab
+        ),
+    }
     println!("  {:<10} {:<12} {:<10} addresses ({HOST_IF})", "host", "namespace", "role");
     for h in &status.hosts {
         let role = serde_json::to_value(h.role).ok();
@@ -196,10 +212,20 @@ fn print_summary(status: &LabStatus, agent: &AgentRecord, detach: bool) {
     );
     println!();
     println!("  run on a host:  ip netns exec {}-p1 ping -c1 10.78.0.100", status.lab);
-    println!(
-        "  allow a flow:   {nsenter} flow add --src 10.77.0.11 --dst 10.78.0.100 \
-         --proto tcp --dport 443 --rule-id 1 --ttl 5m"
-    );
+    match policy {
+        Some(p) => {
+            println!(
+                "  try the flow:   ip netns exec {0}-ext python3 -m http.server 443 --bind 10.78.0.100 &\n                  \
+                 ip netns exec {0}-p1 curl http://10.78.0.100:443/   (p1 passes; {0}-p2 does not)",
+                status.lab
+            );
+            println!("  change policy:  {nsenter} policy diff {0} NEW.toml, then: policy apply NEW.toml --appliance lab-appliance", p.display());
+        }
+        None => println!(
+            "  allow a flow:   {nsenter} flow add --src 10.77.0.11 --dst 10.78.0.100 \
+             --proto tcp --dport 443 --rule-id 1 --ttl 5m"
+        ),
+    }
     println!("  counters:       {nsenter} stats");
     println!("  status:         cargo xtask lab status --prefix {} [--json]", status.lab);
     if detach {

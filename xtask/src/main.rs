@@ -53,6 +53,12 @@ enum LabCommand {
         /// Namespace prefix: namespaces are <prefix>-p1, -p2, -psw, -app, -ext.
         #[arg(long, default_value = lab::DEFAULT_PREFIX)]
         prefix: String,
+        /// The policy the appliance enforces (both layers), default policies/lab.toml.
+        #[arg(long, conflicts_with = "no_policy")]
+        policy: Option<std::path::PathBuf>,
+        /// Start with no policy: default deny, flows added by hand (`airlock-agent flow add`).
+        #[arg(long)]
+        no_policy: bool,
     },
     /// Show the lab: namespaces, addresses, agent. Exit 1 if there is none.
     Status {
@@ -77,7 +83,13 @@ fn main() -> ExitCode {
     step::ensure_cargo_bin_on_path();
     let result = match cli.command {
         Command::Setup => setup::run(),
-        Command::Lab(LabCommand::Up { detach, prefix }) => lab::up(&prefix, detach),
+        Command::Lab(LabCommand::Up { detach, prefix, policy, no_policy }) => {
+            let policy = (!no_policy).then(|| {
+                policy
+                    .unwrap_or_else(|| airlock_testbed::workspace_root().join("policies/lab.toml"))
+            });
+            lab::up(&prefix, detach, policy.as_deref())
+        }
         Command::Lab(LabCommand::Status { json, prefix }) => lab::status(&prefix, json),
         Command::Lab(LabCommand::Down { prefix }) => lab::down(&prefix),
         Command::Test { quick } => check::run(quick),

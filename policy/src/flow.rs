@@ -123,7 +123,9 @@ pub struct Flow {
     port: u16,
 }
 
-fn check_host(addr: IpAddr) -> Result<(), FlowError> {
+/// Refuses an address that cannot name one host (unspecified, broadcast,
+/// multicast, loopback, IPv4-mapped IPv6): flows and policy hosts are exact.
+pub fn check_host(addr: IpAddr) -> Result<(), FlowError> {
     let why = match addr {
         IpAddr::V4(a) if a.is_unspecified() => Some("unspecified"),
         IpAddr::V4(a) if a.is_broadcast() => Some("broadcast"),

@@ -12,7 +12,7 @@ use std::{
 };
 
 use crate::{
-    flow::{Flow, Protocol},
+    flow::{check_host, Protocol},
     model::{Policy, GRANT_RULE_BASE},
 };
 
@@ -155,20 +155,10 @@ impl Checker {
                     format!("{a:?} is not an IP address"),
                     "e.g. 10.77.0.11 or fd00:a1:77::11",
                 ),
-                Ok(ip) => {
-                    // Reuse the flow's host-address rules with a dummy peer.
-                    let peer: IpAddr = if ip.is_ipv4() {
-                        [192, 0, 2, 1].into()
-                    } else {
-                        [0x2001, 0xdb8, 0, 0, 0, 0, 0, 1].into()
-                    };
-                    match Flow::new(ip, peer, Protocol::Icmp, None) {
-                        Err(e) if !matches!(e, crate::FlowError::SameEndpoints(_)) => {
-                            self.err(p, e.to_string())
-                        }
-                        _ => out.push(ip),
-                    }
-                }
+                Ok(ip) => match check_host(ip) {
+                    Ok(()) => out.push(ip),
+                    Err(e) => self.err(p, e.to_string()),
+                },
             }
         }
         out

@@ -9,12 +9,13 @@
 //! reconciler's upserts into empty maps; nftables: one `nft -f` transaction),
 //! and the latency of a one-flow change on each layer.
 
-use std::{fmt::Write as _, net::Ipv4Addr, path::PathBuf, time::Instant};
+use std::{fmt::Write as _, net::Ipv4Addr, time::Instant};
 
 use airlock_agent::{dataplane::PROGRAMS, maps::Maps, nftables};
 use airlock_policy::{check_toml, compile, nft, reconcile, Action, FlowEntry, Ingress, Now};
 use anyhow::{Context as _, Result};
 
+mod common;
 const SIZES: [usize; 4] = [10, 1_000, 10_000, 100_000];
 
 /// A policy with `n` patient hosts, each with one flow to one service.
@@ -70,12 +71,7 @@ fn main() -> Result<()> {
     if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
         anyhow::bail!("unshare(CLONE_NEWNET): {} (run as root)", std::io::Error::last_os_error());
     }
-    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/airlock-bench-apply-{}", std::process::id()));
-    airlock_agent::dataplane::ensure_bpffs(&pin_dir)?;
-    std::fs::create_dir_all(&pin_dir)?;
-    let result = bench(&pin_dir);
-    let _ = std::fs::remove_dir_all(&pin_dir);
-    result
+    common::with_scratch_pins("apply", bench)
 }
 
 fn bench(pin_dir: &std::path::Path) -> Result<()> {

@@ -20,6 +20,7 @@ use aya::{
     EbpfLoader,
 };
 
+mod common;
 const SIZES: [u32; 3] = [10, 10_000, 100_000];
 const RUNS: usize = 11;
 const REPEAT: u32 = 200_000;
@@ -135,12 +136,7 @@ fn main() -> Result<()> {
         );
         return Ok(());
     }
-    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/airlock-bench-{}", std::process::id()));
-    airlock_agent::dataplane::ensure_bpffs(&pin_dir)?;
-    std::fs::create_dir_all(&pin_dir)?;
-    let result = bench(&pin_dir);
-    let _ = std::fs::remove_dir_all(&pin_dir);
-    result
+    common::with_scratch_pins("dataplane", bench)
 }
 
 fn bench(pin_dir: &std::path::Path) -> Result<()> {

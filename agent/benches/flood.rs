@@ -188,13 +188,7 @@ fn main() -> Result<()> {
         let mut lab = Lab::start(&unique_prefix())?;
         let path = lab.agent().record().state_dir.join("flood.toml");
         std::fs::write(&path, policy(n))?;
-        lab.agent().cli(&[
-            "policy",
-            "apply",
-            &path.to_string_lossy(),
-            "--appliance",
-            "lab-appliance",
-        ])?;
+        lab.agent().apply_policy(&path)?;
         let ext = NetNs::existing(lab.topology().external().name());
         let _sink =
             ext.run(|| std::net::UdpSocket::bind((addr::EXT_V4, ALLOWED)))?.context("sink")?;
@@ -221,17 +215,9 @@ fn main() -> Result<()> {
         rows.push((n, "eBPF", deny, allow));
 
         // nftables only.
-        lab.agent().cli(&[
-            "policy",
-            "apply",
-            &path.to_string_lossy(),
-            "--appliance",
-            "lab-appliance",
-        ])?;
+        lab.agent().apply_policy(&path)?;
         lab.agent_mut().stop()?;
-        for e in std::fs::read_dir(lab.agent().record().pin_dir.join("v1/links"))?.flatten() {
-            std::fs::remove_file(e.path())?;
-        }
+        lab.agent().unpin_links()?;
         let deny = flood(&lab, DENIED, &|| nft_counter(&app, "default deny"))?;
         let allow = flood(&lab, ALLOWED, &|| rx_packets(&ext, "eth0"))?;
         rows.push((n, "nftables", deny, allow));

@@ -420,6 +420,11 @@ gc_interval_secs = 9223372036854775807
             ["patient0", "uplink0"]
         );
         assert_eq!(c.appliance.pin_dir, std::path::Path::new("/sys/fs/bpf/airlock-t1"));
+        // The harness unpins links and names the lab appliance itself.
+        assert_eq!(c.pins().links(), c.appliance.pin_dir.join(airlock_testbed::LINK_PINS));
+        let lab_policy = include_str!("../../policies/lab.toml");
+        let (policy, _) = airlock_policy::check_toml(lab_policy).unwrap();
+        assert!(policy.appliances.iter().any(|a| a.name == airlock_testbed::LAB_APPLIANCE));
     }
 
     #[test]

@@ -111,6 +111,13 @@ pub struct AgentRecord {
     pub pin_dir: PathBuf,
 }
 
+/// The appliance name of the lab's policies (policies/lab.toml).
+pub const LAB_APPLIANCE: &str = "lab-appliance";
+
+/// Where the agent pins its XDP links, relative to its pin directory
+/// (`v<LAYOUT_VERSION>/links`; the agent's contract test checks it).
+pub const LINK_PINS: &str = "v1/links";
+
 /// A running `airlock-agent run`. Dropping it kills the process, runs
 /// `airlock-agent detach` (failures are logged to stderr) and removes the
 /// state directory; when the thread is panicking, the log tail is printed
@@ -295,6 +302,25 @@ impl Agent {
             self.stop()?;
         }
         self.spawn()
+    }
+
+    /// `airlock-agent policy apply FILE` for the lab's appliance
+    /// ([`LAB_APPLIANCE`], the name the lab policies use); its stdout.
+    pub fn apply_policy(&self, file: &std::path::Path) -> Result<String> {
+        self.cli(&["policy", "apply", &file.to_string_lossy(), "--appliance", LAB_APPLIANCE])
+    }
+
+    /// Removes the pinned XDP links, which detaches the programs from the
+    /// ports while forwarding stays on (tests of the nftables layer alone).
+    /// Stop the agent first: it holds the links open. Returns how many.
+    pub fn unpin_links(&self) -> Result<usize> {
+        let dir = self.record.pin_dir.join(LINK_PINS);
+        let mut n = 0;
+        for e in fs::read_dir(&dir).map_err(|e| Error::io("reading", &dir, e))?.flatten() {
+            fs::remove_file(e.path()).map_err(|err| Error::io("removing", e.path(), err))?;
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// Runs `airlock-agent --config CFG ARGS...` in the appliance namespace

@@ -34,7 +34,9 @@ mod netns;
 mod status;
 mod topology;
 
-pub use agent::{Agent, AgentOptions, AgentRecord, Signal, DEFAULT_READY_TIMEOUT};
+pub use agent::{
+    Agent, AgentOptions, AgentRecord, Signal, DEFAULT_READY_TIMEOUT, LAB_APPLIANCE, LINK_PINS,
+};
 pub use agent_formats::{
     AgentConfig, AgentStats, Counter, LogFormat, PortConfig, PortRole, XdpMode,
 };

@@ -44,9 +44,7 @@ fn tcp_ok(ns: &NetNs, to: SocketAddr) -> bool {
 fn apply(lab: &Lab, text: &str) -> String {
     let path = lab.agent().record().state_dir.join("policy.toml");
     std::fs::write(&path, text).expect("write policy");
-    lab.agent()
-        .cli(&["policy", "apply", &path.to_string_lossy(), "--appliance", "lab-appliance"])
-        .expect("policy apply")
+    lab.agent().apply_policy(&path).expect("policy apply")
 }
 
 #[test]
@@ -80,10 +78,7 @@ fn a_policy_file_opens_exactly_its_flows_and_changes_minimally() {
     let path = lab.agent().record().state_dir.join("bad.toml");
     std::fs::write(&path, LAB_POLICY.replace("service:regional-lab", "service:nope"))
         .expect("write");
-    let err = lab
-        .agent()
-        .cli(&["policy", "apply", &path.to_string_lossy(), "--appliance", "lab-appliance"])
-        .expect_err("invalid policy refused");
+    let err = lab.agent().apply_policy(&path).expect_err("invalid policy refused");
     assert!(
         err.to_string().contains("unknown service \\\"nope\\\"")
             || err.to_string().contains("unknown service"),
@@ -148,10 +143,7 @@ fn each_layer_alone_enforces_the_policy() {
     // nftables alone: the table is back, the XDP programs are unpinned (agent stopped).
     apply(&lab, LAB_POLICY);
     lab.agent_mut().stop().expect("stop");
-    let links = lab.agent().record().pin_dir.join("v1/links");
-    for e in std::fs::read_dir(&links).expect("link pins").flatten() {
-        std::fs::remove_file(e.path()).expect("unpin");
-    }
+    assert_eq!(lab.agent().unpin_links().expect("unpin"), 2, "one link per port");
     let link = ns(&app).exec("ip", &["link", "show", "patient0"]).expect("ip link");
     assert!(!link.contains("xdp"), "no XDP program left: {link}");
     check("nftables alone");
@@ -175,7 +167,7 @@ fn apply_and_crash_after_ebpf(lab: &Lab, text: &str) -> std::process::ExitStatus
         .arg(format!("--net=/run/netns/{}", r.netns))
         .arg(&r.bin)
         .args(["--config", &r.config.to_string_lossy(), "policy", "apply", &path.to_string_lossy()])
-        .args(["--appliance", "lab-appliance"])
+        .args(["--appliance", airlock_testbed::LAB_APPLIANCE])
         .env("AIRLOCK_FAULT", "after-ebpf")
         .status()
         .expect("run the agent")

@@ -127,10 +127,8 @@ fn start(prefix: &str, bin: &Path, dir: &Path, detach: bool, policy: Option<&Pat
     step.ok_with("enforcing");
     if let Some(p) = policy {
         let step = Step::start(format!("applying {} to both layers", p.display()));
-        let out = lab
-            .agent()
-            .cli(&["policy", "apply", &p.to_string_lossy(), "--appliance", "lab-appliance"])
-            .with_context(|| format!("applying {}", p.display()))?;
+        let out =
+            lab.agent().apply_policy(p).with_context(|| format!("applying {}", p.display()))?;
         step.ok_with(out.trim());
     }
     print_summary(&status, &record.agent, detach, policy);

@@ -115,12 +115,36 @@ pub enum FlowError {
 }
 
 /// An exact allowance: `src` may send `protocol` to `dst`:`port`.
+///
+/// Deserializing validates exactly like [`Flow::new`]: a flow read from the
+/// wire or a store is never more open than one built in code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "FlowWire")]
 pub struct Flow {
     src: IpAddr,
     dst: IpAddr,
     protocol: Protocol,
     port: u16,
+}
+
+/// The serialized shape of a [`Flow`], before validation.
+#[derive(Deserialize)]
+struct FlowWire {
+    src: IpAddr,
+    dst: IpAddr,
+    protocol: Protocol,
+    port: u16,
+}
+
+impl TryFrom<FlowWire> for Flow {
+    type Error = FlowError;
+    fn try_from(w: FlowWire) -> Result<Self, FlowError> {
+        let port = match (w.protocol, w.port) {
+            (Protocol::Icmp, 0) => None,
+            (_, p) => Some(p),
+        };
+        Flow::new(w.src, w.dst, w.protocol, port)
+    }
 }
 
 /// Refuses an address that cannot name one host (unspecified, broadcast,

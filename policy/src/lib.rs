@@ -22,6 +22,7 @@ pub mod locate;
 pub mod model;
 pub mod nft;
 pub mod nft_delta;
+pub mod portable;
 pub mod reconcile;
 pub mod validate;
 
@@ -29,6 +30,7 @@ pub use compile::{compile, DesiredState, Now};
 pub use flow::{Expiry, Flow, FlowEntry, FlowError, Ingress, MapEntry, Protocol};
 pub use model::{Grant, Policy};
 pub use nft::{NftError, NftInput, NftRuleset};
+pub use portable::{localize, to_portable, PortableEntry};
 pub use reconcile::{reconcile, Action};
 pub use validate::{validate, Issue, Resolved};
 

@@ -146,6 +146,8 @@ pub struct ApplianceDiff {
     pub opens: Vec<String>,
     /// Flows that close.
     pub closes: Vec<String>,
+    /// Flows that stay but change (expiry, replies, rule).
+    pub changes: Vec<String>,
 }
 
 /// One stored policy version.

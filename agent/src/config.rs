@@ -30,6 +30,30 @@ pub struct AgentConfig {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// The controller (absent: policies are local files only).
+    #[serde(default)]
+    pub controller: Option<ControllerConfig>,
+}
+
+/// `[controller]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerConfig {
+    /// The main HTTPS listener, e.g. `https://10.90.0.1:8443` (enrollment).
+    pub url: String,
+    /// The controller CA's fingerprint, `sha256:<hex>`: the only trust at enrollment.
+    pub ca_fingerprint: String,
+    /// First-boot provisioning: when this file exists and the agent is not
+    /// enrolled, `run` enrolls with the token in it, then deletes it.
+    #[serde(default)]
+    pub enrollment_token_file: Option<PathBuf>,
+    /// Seconds between health reports.
+    #[serde(default = "default_report_interval")]
+    pub report_interval_secs: u64,
+}
+
+fn default_report_interval() -> u64 {
+    10
 }
 
 /// `[appliance]`.
@@ -313,6 +337,26 @@ impl AgentConfig {
         if !(1..=86_400).contains(&self.log.counters_interval_secs) {
             issue("log.counters_interval_secs".into(), "must be between 1 and 86400");
         }
+        if let Some(c) = &self.controller {
+            if crate::controller::client::Endpoint::parse(&c.url).is_err() {
+                issue(
+                    "controller.url".into(),
+                    "must be https://HOST[:PORT] (the controller's main listener), no path",
+                );
+            }
+            if airlock_proto::parse_fingerprint(&c.ca_fingerprint).is_none() {
+                issue(
+                    "controller.ca_fingerprint".into(),
+                    "must be sha256: followed by 64 hex digits (shown when the token is created)",
+                );
+            }
+            if c.enrollment_token_file.as_ref().is_some_and(|f| !f.is_absolute()) {
+                issue("controller.enrollment_token_file".into(), "must be an absolute path");
+            }
+            if !(1..=3_600).contains(&c.report_interval_secs) {
+                issue("controller.report_interval_secs".into(), "must be between 1 and 3600");
+            }
+        }
         out
     }
 
@@ -425,6 +469,36 @@ gc_interval_secs = 9223372036854775807
         let lab_policy = include_str!("../../policies/lab.toml");
         let (policy, _) = airlock_policy::check_toml(lab_policy).unwrap();
         assert!(policy.appliances.iter().any(|a| a.name == airlock_testbed::LAB_APPLIANCE));
+    }
+
+    #[test]
+    fn the_controller_section_is_optional_and_checked() {
+        assert_eq!(AgentConfig::parse(GOOD).unwrap().controller, None);
+        let fp = format!("sha256:{}", "0f".repeat(32));
+        let ok = format!(
+            "{GOOD}\n[controller]\nurl = \"https://10.90.0.1:8443\"\nca_fingerprint = \"{fp}\"\n"
+        );
+        let c = AgentConfig::parse(&ok).unwrap().controller.unwrap();
+        assert_eq!(c.report_interval_secs, 10);
+        assert_eq!(c.enrollment_token_file, None);
+        let bad = format!(
+            "{GOOD}\n[controller]\nurl = \"http://10.90.0.1\"\nca_fingerprint = \"sha256:12\"\n\
+             enrollment_token_file = \"token\"\nreport_interval_secs = 0\n"
+        );
+        let e = AgentConfig::parse(&bad).unwrap_err();
+        let at: Vec<_> = e.issues.iter().map(|i| i.at.as_str()).collect();
+        assert_eq!(
+            at,
+            [
+                "controller.url",
+                "controller.ca_fingerprint",
+                "controller.enrollment_token_file",
+                "controller.report_interval_secs"
+            ]
+        );
+        let unknown = format!("{ok}token = \"x\"\n");
+        let e = AgentConfig::parse(&unknown).unwrap_err();
+        assert!(e.issues[0].message.contains("unknown field"), "{:?}", e.issues);
     }
 
     #[test]

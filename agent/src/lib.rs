@@ -20,6 +20,7 @@
 
 pub mod clock;
 pub mod config;
+pub mod controller;
 pub mod dataplane;
 pub mod events;
 pub mod fault;

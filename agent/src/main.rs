@@ -59,6 +59,12 @@ enum Command {
     /// Configuration tools.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Enroll with the controller: a key pair is generated here (the private key never
+    /// leaves this machine) and its CSR sent with the one-time token; prints the appliance id.
+    Enroll(EnrollArgs),
+    /// The controller link.
+    #[command(subcommand)]
+    Controller(ControllerCommand),
     /// Policy files: check, diff, and apply locally (until the controller drives the agent).
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -98,6 +104,35 @@ enum ConfigCommand {
 struct FlowArgs {
     /// Source address (the host that starts the flow).
     #[arg(long)]
+#[derive(Debug, Args)]
+struct EnrollArgs {
+    /// The controller's main URL, e.g. https://10.90.0.1:8443 (default: [controller] url).
+    #[arg(long)]
+    controller: Option<String>,
+    /// The controller CA's fingerprint, sha256:<hex> (default: [controller] ca_fingerprint).
+    #[arg(long)]
+    ca_fingerprint: Option<String>,
+    /// A file holding the one-time enrollment token.
+    #[arg(long, conflicts_with = "token_stdin", required_unless_present_any = ["token_stdin", "token"])]
+    token_file: Option<PathBuf>,
+    /// Read the one-time enrollment token from standard input.
+    #[arg(long)]
+    token_stdin: bool,
+    /// Refused: a token on the command line is visible to everyone in ps.
+    #[arg(long, hide = true)]
+    token: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum ControllerCommand {
+    /// Enrollment, certificate expiry, applied bundle version and last refusal.
+    Status {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
     src: IpAddr,
     /// Destination address.
     #[arg(long)]
@@ -254,6 +289,8 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Policy(_) => Ok(()),
+        Command::Enroll(args) => enroll(&cfg, args),
+        Command::Controller(ControllerCommand::Status { json }) => controller_status(&cfg, json),
         Command::Detach { force } => {
             let n = dataplane::detach(&cfg, force)?;
             println!("detached: forwarding off, {n} pins removed");
@@ -482,6 +519,7 @@ async fn run(cfg: AgentConfig, ready_file: Option<PathBuf>) -> Result<()> {
             _ = int.recv() => { info!("SIGINT: exiting; the boundary stays attached"); break; }
             _ = budget.tick() => {
                 if let Err(e) = dp.maps.refill_event_budget(cfg.dataplane.events_per_second) {
+    let mut link = airlock_agent::controller::Link::start(&cfg, &mut dp);
                     warn!(error = %e, "cannot refill the drop-event budget");
                 }
             }
@@ -498,6 +536,7 @@ async fn run(cfg: AgentConfig, ready_file: Option<PathBuf>) -> Result<()> {
                 }
                 if let Err(e) = dp.refresh_local_addrs() {
                     warn!(error = %e, "cannot refresh local addresses");
+            ev = link.recv() => link.handle(ev, &cfg, &mut dp),
                 }
                 let problems = dp.problems(&cfg);
                 if !problems.is_empty() {
@@ -537,11 +576,13 @@ async fn run(cfg: AgentConfig, ready_file: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-/// Applies the stored policy, if any, before forwarding is turned on. A
+/// Applies the stored state (a local policy or a controller bundle, whose
+/// signature is checked again), if any, before forwarding is turned on. A
 /// missing, unreadable or inapplicable state applies nothing: the maps keep
 /// what they hold (empty on a fresh appliance: everything dropped).
 fn apply_last_known_good(cfg: &AgentConfig, dp: &mut Dataplane) {
-    let lkg = match SledStore::open(&cfg.appliance.state_dir).and_then(|s| s.load()) {
+    use airlock_agent::store::Stored;
+    let lkg = match SledStore::open(&cfg.appliance.state_dir).and_then(|s| s.load_state()) {
         Ok(Some(l)) => l,
         Ok(None) => {
             info!("no last-known-good policy stored");
@@ -552,25 +593,106 @@ fn apply_last_known_good(cfg: &AgentConfig, dp: &mut Dataplane) {
             return;
         }
     };
-    let origin = cfg.appliance.state_dir.join("last-known-good");
     let now = airlock_agent::policy_cmd::now();
-    match airlock_agent::policy_cmd::apply_policy(
-        &lkg.policy,
-        None,
-        &origin,
-        &lkg.appliance,
-        cfg,
-        &mut dp.maps,
-        now,
-    ) {
-        Ok((removed, upserted)) => info!(
-            policy_version = lkg.policy.version,
-            appliance = %lkg.appliance,
+    match (airlock_agent::controller::lkg::restore(&lkg, cfg, &mut dp.maps, now), &lkg) {
+        (Ok((removed, upserted)), Stored::Policy(l)) => info!(
+            policy_version = l.policy.version,
+            appliance = %l.appliance,
             removed,
             upserted,
             "last-known-good policy applied"
         ),
-        Err(e) => error!(error = %e, "cannot apply the last-known-good policy; applying nothing"),
+        (Ok((removed, upserted)), Stored::Bundle(b)) => info!(
+            bundle_version = b.bundle.version,
+            appliance = %b.appliance,
+            removed,
+            upserted,
+            "last-known-good bundle applied"
+        ),
+        (Err(e), _) => error!(
+            error = %airlock_agent::controller::chain(&e),
+            "cannot apply the last-known-good state; applying nothing"
+        ),
+    }
+}
+
+fn enroll(cfg: &AgentConfig, a: EnrollArgs) -> Result<(), Failure> {
+    use airlock_agent::controller::{self, client::Endpoint, mgmt, ControllerError, Token};
+    if a.token.is_some() {
+        return Err(usage(anyhow::anyhow!(
+            "--token is refused: a token on the command line is visible to every user in ps; \
+             use --token-file FILE or --token-stdin"
+        )));
+    }
+    let from_cfg = |f: fn(&airlock_agent::config::ControllerConfig) -> &String| {
+        cfg.controller.as_ref().map(|c| f(c).clone())
+    };
+    let url = a.controller.or_else(|| from_cfg(|c| &c.url)).ok_or_else(|| {
+        usage(anyhow::anyhow!("--controller URL is required (or [controller] url in the config)"))
+    })?;
+    let fp = a.ca_fingerprint.or_else(|| from_cfg(|c| &c.ca_fingerprint)).ok_or_else(|| {
+        usage(anyhow::anyhow!(
+            "--ca-fingerprint is required (or [controller] ca_fingerprint in the config)"
+        ))
+    })?;
+    let ep = Endpoint::parse(&url).map_err(usage)?;
+    controller::parse_pin(&fp).map_err(usage)?;
+    let token = match a.token_file {
+        Some(f) => Token::from_file(&f),
+        None => Token::from_stdin(),
+    }
+    .map_err(usage)?;
+    init_tracing(cfg.log.format);
+    // A boundary that is already up drops the controller's answers otherwise.
+    if let Ok(mut maps) = Maps::open(&cfg.pins().maps()) {
+        if let Err(e) = mgmt::ensure(&mut maps, cfg, &[ep]) {
+            warn!(error = %e, "cannot let the controller's answers through the boundary");
+        }
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let id = rt.block_on(controller::enroll(cfg, &url, &fp, &token)).map_err(|e| match e {
+        ControllerError::AlreadyEnrolled(_) => usage(e),
+        e if e.is_refusal() => usage(e),
+        e => Failure::Other(e.into()),
+    })?;
+    if let Ok(mut maps) = Maps::open(&cfg.pins().maps()) {
+        let _ = mgmt::ensure(&mut maps, cfg, &[]);
+    }
+    println!("{}", id.record.appliance);
+    Ok(())
+}
+
+fn controller_status(cfg: &AgentConfig, json: bool) -> Result<(), Failure> {
+    use airlock_agent::{controller, store::StateStore};
+    let dir = &cfg.appliance.state_dir;
+    let store = if dir.exists() { SledStore::open(dir).ok() } else { None };
+    let v = controller::status(cfg, store.as_ref().map(|s| s as &dyn StateStore));
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let now = controller::unix_now() as i64;
+    match &v.appliance {
+        Some(a) => println!("enrolled: yes, appliance {a}"),
+        None => println!("enrolled: no"),
+    }
+    if let (Some(u), Some(agent)) = (&v.controller_url, &v.agent_url) {
+        println!("controller: {u} (agent listener {agent})");
+    }
+    if let Some(t) = v.cert_not_after {
+        let due = if v.cert_renewal_due == Some(true) { ", renewal due" } else { "" };
+        println!("certificate: expires at {t} (in {} days){due}", (t - now).div_euclid(86_400));
+    }
+    match (v.last_known_good.as_str(), v.applied_version) {
+        ("bundle", Some(n)) => println!(
+            "last-known-good: bundle version {n}{}",
+            v.policy_version.map(|p| format!(" (policy version {p})")).unwrap_or_default()
+        ),
+        ("policy", _) => println!(
+            "last-known-good: local policy file (policy version {})",
+            v.policy_version.unwrap_or_default()
+        ),
+        _ => println!("last-known-good: none (everything is dropped)"),
     }
 }
 
@@ -590,3 +712,18 @@ fn log_counters(
         info!(target: "airlock::counters", deltas = %parts.join(" "), "counters");
     }
 }
+    if let Some(r) = &v.last_refusal {
+        println!("last refusal: bundle version {}: {}", r.version, r.reason);
+    }
+    if v.enrolled {
+        let seen = v.last_contact.map(|t| format!(", last contact {}s ago", now - t as i64));
+        println!(
+            "stream: {}{}",
+            if v.stream_connected { "connected" } else { "not connected" },
+            seen.unwrap_or_default()
+        );
+    }
+    for e in &v.errors {
+        println!("error: {e}");
+    }
+    Ok(())

@@ -21,6 +21,7 @@ pub mod ca;
 pub mod config;
 pub mod metrics;
 pub mod policy;
+pub mod run;
 pub mod server;
 pub mod state;
 pub mod sync;

@@ -1,24 +1,12 @@
 //! `airlock-controller`: serve, and the operator's store commands (KMS
 //! rotation, backup, restore).
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+use std::{net::SocketAddr, path::PathBuf};
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
-use tokio::net::TcpListener;
 
-use airlock_controller::{
-    appliances::Appliances,
-    auth::{self, Sessions},
-    ca::{Ca, SERVER_CERT_DAYS},
-    config::ControllerConfig,
-    metrics::Metrics,
-    policy::{self, Policies},
-    server,
-    state::{system_clock, AppState},
-    sync::Hub,
-    tls::{self, Registry, ServerCert},
-};
+use airlock_controller::{ca::Ca, config::ControllerConfig, state::system_clock};
 use airlock_kms::SecretString;
 use airlock_store::Store;
 
@@ -171,50 +159,11 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 async fn serve(cfg: ControllerConfig, store: Store, ready_file: Option<PathBuf>) -> Result<()> {
-    let now = system_clock();
-    let ca = Ca::load_or_create(&store, now)?;
-    let names = cfg.cert_names();
-    let (issued, key) = ca.issue_server(&names, now)?;
-    let chain = vec![issued.der.clone(), ca.cert_der().clone()];
-    let cert = Arc::new(ServerCert::new(chain, key)?);
-    let registry = Arc::new(Registry::default());
-    let appliances = Appliances::new(store.clone());
-    let enrolled = appliances.load_registry(&registry)?;
-    let key = policy::signing_key(&store)?;
-    let bootstrap = auth::bootstrap(&store, now)?;
-    let state = Arc::new(AppState {
-        ca,
-        cert: cert.clone(),
-        registry: registry.clone(),
-        sessions: Sessions::new(cfg.session_idle_secs, cfg.session_absolute_secs),
-        appliances,
-        policies: Policies::new(store.clone(), key),
-        hub: Arc::new(Hub::default()),
-        metrics: Metrics::default(),
-        public_url: cfg.public_url(),
-        agent_url: cfg.agent_url(),
-        clock: system_clock,
-        store,
-    });
-    let main_l = TcpListener::bind(cfg.listen)
-        .await
-        .with_context(|| format!("listening on {}", cfg.listen))?;
-    let agent_l = TcpListener::bind(cfg.agent_listen)
-        .await
-        .with_context(|| format!("listening on {}", cfg.agent_listen))?;
-    let main_tls = tls::main_config(cert.clone())?;
-    let agent_tls = tls::agent_config(cert.clone(), state.ca.cert_der(), registry)?;
-    tokio::spawn(server::serve_tls(main_l, main_tls, server::main_app(state.clone()), false));
-    tokio::spawn(server::serve_tls(agent_l, agent_tls, server::agent_app(state.clone()), true));
-    if let Some(a) = cfg.http_redirect_listen {
-        let l = TcpListener::bind(a).await.with_context(|| format!("listening on {a}"))?;
-        tokio::spawn(server::serve_redirect(l, state.public_url.clone()));
-    }
-    tokio::spawn(renew_server_cert(state.clone(), names));
-    tracing::info!(url = %state.public_url, agent_url = %state.agent_url, enrolled, fingerprint = %state.ca.fingerprint(), "serving");
+    let started = airlock_controller::run::start(cfg, store).await?;
+    let state = started.state;
     println!("Airlock controller at {}", state.public_url);
     println!("CA fingerprint (pin it on appliances): {}", state.ca.fingerprint());
-    if let Some(p) = bootstrap {
+    if let Some(p) = started.bootstrap {
         // Printed once, to the operator's terminal; never logged, stored only as a hash.
         println!("First start: bootstrap admin credential (shown once, change it): user admin, password {p}");
     }
@@ -234,32 +183,4 @@ async fn serve(cfg: ControllerConfig, store: Store, ready_file: Option<PathBuf>)
     }
     state.store.flush().context("flushing the store")?;
     Ok(())
-}
-
-/// Re-issues the server certificate when a third of its life is left.
-async fn renew_server_cert(state: Arc<AppState>, names: Vec<String>) {
-    let life = (SERVER_CERT_DAYS * 86_400) as u64;
-    let mut issued_at = system_clock();
-    loop {
-        tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
-        let now = system_clock();
-        if now < issued_at + life * 2 / 3 {
-            continue;
-        }
-        match state.ca.issue_server(&names, now) {
-            Ok((issued, key)) => {
-                let chain = vec![issued.der, state.ca.cert_der().clone()];
-                match state.cert.replace(chain, key) {
-                    Ok(()) => {
-                        issued_at = now;
-                        tracing::info!("server certificate renewed");
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot use the renewed server certificate")
-                    }
-                }
-            }
-            Err(e) => tracing::error!(error = %e, "cannot renew the server certificate"),
-        }
-    }
 }

@@ -1,0 +1,517 @@
+//! The controller end to end: a real controller (in-process, or the binary
+//! for the crash test) over real TLS, a real encrypted store with the
+//! built-in KMS, clients speaking HTTPS through rustls and openssl s_client.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    net::SocketAddr,
+    process::{Command, Stdio},
+    sync::Arc,
+    time::Duration,
+};
+
+use airlock_controller::{config::ControllerConfig, run::Started};
+use airlock_proto::{
+    admin::{ApiError, EnrollmentToken, PolicyVersionSummary, ValidationReport},
+    agent::{EnrollResponse, StreamMessage},
+    SignedBundle,
+};
+use http_body_util::{BodyExt as _, Full};
+use hyper::{body::Bytes, Request};
+use rustls::{
+    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName},
+    ClientConfig, RootCertStore,
+};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+struct Ctl {
+    _dir: tempfile::TempDir,
+    started: Started,
+    token: String,
+}
+
+async fn start() -> Ctl {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ControllerConfig {
+        data_dir: dir.path().into(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        agent_listen: "127.0.0.1:0".parse().unwrap(),
+        ..ControllerConfig::default()
+    };
+    let kms = airlock_kms::open(&cfg.kms(), None).unwrap();
+    let store = airlock_store::Store::open(&dir.path().join("store"), kms).unwrap();
+    let started = airlock_controller::run::start(cfg, store).await.unwrap();
+    let pw = started.bootstrap.clone().expect("first start prints a bootstrap credential");
+    let mut c = Ctl { _dir: dir, started, token: String::new() };
+    let (s, body) = c
+        .call(
+            "POST",
+            "/api/v1/login",
+            Some(&format!(r#"{{"user":"admin","password":"{pw}"}}"#)),
+            false,
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    c.token =
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["token"].as_str().unwrap().into();
+    c
+}
+
+fn ca_roots(ca_pem: &str) -> RootCertStore {
+    let mut roots = RootCertStore::empty();
+    let der = pem_to_der(ca_pem);
+    roots.add(CertificateDer::from(der)).unwrap();
+    roots
+}
+
+fn pem_to_der(pem: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    base64::engine::general_purpose::STANDARD.decode(b64).unwrap()
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn client(ca_pem: &str, identity: Option<(&str, &rcgen::KeyPair)>) -> ClientConfig {
+    let b = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(ca_roots(ca_pem));
+    match identity {
+        Some((cert_pem, key)) => b
+            .with_client_auth_cert(
+                vec![CertificateDer::from(pem_to_der(cert_pem))],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
+            .unwrap(),
+        None => b.with_no_client_auth(),
+    }
+}
+
+/// One HTTP/1.1 request over a fresh TLS connection; `Err` when the TLS
+/// handshake or the exchange fails.
+async fn request(
+    addr: SocketAddr,
+    tls: ClientConfig,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    bearer: Option<&str>,
+) -> Result<(u16, hyper::body::Incoming), String> {
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let conn = TlsConnector::from(Arc::new(tls));
+    let tls = conn
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let (mut send, c) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(c);
+    let mut req = Request::builder().method(method).uri(path).header("host", "127.0.0.1");
+    if let Some(t) = bearer {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    if body.is_some() {
+        req = req.header("content-type", "application/json");
+    }
+    let req = req.body(Full::new(Bytes::from(body.unwrap_or("").to_owned()))).unwrap();
+    let resp = send.send_request(req).await.map_err(|e| format!("request: {e}"))?;
+    Ok((resp.status().as_u16(), resp.into_body()))
+}
+
+async fn text(b: hyper::body::Incoming) -> String {
+    String::from_utf8(b.collect().await.unwrap().to_bytes().to_vec()).unwrap()
+}
+
+impl Ctl {
+    fn ca(&self) -> String {
+        self.started.state.ca.cert_pem().to_owned()
+    }
+
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        auth: bool,
+    ) -> (u16, String) {
+        let tls = client(self.started.state.ca.cert_pem(), None);
+        let bearer = auth.then_some(self.token.as_str());
+        let (s, b) =
+            request(self.started.main_addr, tls, method, path, body, bearer).await.unwrap();
+        (s, text(b).await)
+    }
+
+    async fn token_for(&self, id: &str) -> EnrollmentToken {
+        let (s, b) = self
+            .call("POST", "/api/v1/appliances", Some(&format!(r#"{{"id":"{id}"}}"#)), true)
+            .await;
+        assert_eq!(s, 201, "{b}");
+        serde_json::from_str(&b).unwrap()
+    }
+
+    async fn enroll(&self, token: &str) -> (u16, String, rcgen::KeyPair) {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let csr = rcgen::CertificateParams::new(vec![])
+            .unwrap()
+            .serialize_request(&key)
+            .unwrap()
+            .pem()
+            .unwrap();
+        let body = serde_json::json!({"token": token, "csr_pem": csr, "agent_version": "test"})
+            .to_string();
+        let (s, b) = self.call("POST", "/api/v1/enroll", Some(&body), false).await;
+        (s, b, key)
+    }
+}
+
+fn lab_policy() -> String {
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../policies/lab.toml"))
+            .unwrap();
+    serde_json::json!({"text": text, "comment": "test"}).to_string()
+}
+
+async fn next_message(body: &mut hyper::body::Incoming, buf: &mut Vec<u8>) -> StreamMessage {
+    loop {
+        if let Some(i) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=i).collect();
+            return serde_json::from_slice(&line).unwrap();
+        }
+        let frame = tokio::time::timeout(Duration::from_secs(15), body.frame())
+            .await
+            .expect("stream stalled");
+        let frame = frame.expect("stream ended").unwrap();
+        if let Ok(d) = frame.into_data() {
+            buf.extend_from_slice(&d);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrollment_then_policy_pushes_signed_bundles_over_mtls() {
+    let c = start().await;
+    let t = c.token_for("lab-appliance").await;
+    assert_eq!(t.ca_fingerprint, airlock_proto::ca_fingerprint(&pem_to_der(&c.ca())));
+    assert!(
+        t.command.contains("--token-stdin") && !t.command.contains(&t.token),
+        "the command never embeds the token"
+    );
+    let (s, b, key) = c.enroll(&t.token).await;
+    assert_eq!(s, 200, "{b}");
+    let e: EnrollResponse = serde_json::from_str(&b).unwrap();
+    assert_eq!(e.appliance, "lab-appliance");
+    let bundle_key = {
+        use base64::Engine as _;
+        let raw = base64::engine::general_purpose::STANDARD.decode(&e.bundle_key).unwrap();
+        ed25519_dalek::VerifyingKey::from_bytes(&raw.try_into().unwrap()).unwrap()
+    };
+
+    let tls = client(&e.ca_pem, Some((&e.certificate_pem, &key)));
+    let (s, mut body) =
+        request(c.started.agent_addr, tls, "GET", "/agent/v1/stream", None, None).await.unwrap();
+    assert_eq!(s, 200);
+    let mut buf = Vec::new();
+    let StreamMessage::Bundle(first) = next_message(&mut body, &mut buf).await else {
+        panic!("bundle first")
+    };
+    let b0 = first.verify(&bundle_key, "lab-appliance", None).unwrap();
+    assert!(b0.entries.is_empty(), "no policy yet: everything dropped");
+
+    // An invalid policy is refused with located problems, and nothing is applied.
+    let bad =
+        serde_json::json!({"text": "version = 1\n[site]\nname = 3\n", "comment": "x"}).to_string();
+    let (s, body_txt) = c.call("POST", "/api/v1/policy", Some(&bad), true).await;
+    assert_eq!(s, 422, "{body_txt}");
+    let err: ApiError = serde_json::from_str(&body_txt).unwrap();
+    assert!(!err.problems.is_empty() && err.problems[0].line.is_some(), "{err:?}");
+    let (_, v) = c.call("POST", "/api/v1/policy/validate", Some(&bad), true).await;
+    assert!(!serde_json::from_str::<ValidationReport>(&v).unwrap().ok);
+
+    let (s, applied) = c.call("POST", "/api/v1/policy", Some(&lab_policy()), true).await;
+    assert_eq!(s, 201, "{applied}");
+    let v1: PolicyVersionSummary = serde_json::from_str(&applied).unwrap();
+    let StreamMessage::Bundle(second) = next_message(&mut body, &mut buf).await else {
+        panic!("bundle pushed")
+    };
+    let b1 = second.verify(&bundle_key, "lab-appliance", Some(b0.version)).unwrap();
+    assert!(b1.version > b0.version);
+    assert_eq!(b1.policy_version, v1.version);
+    assert!(!b1.entries.is_empty(), "the lab policy opens flows");
+    // The older bundle is refused once the newer one is applied.
+    assert!(matches!(
+        first.verify(&bundle_key, "lab-appliance", Some(b1.version)),
+        Err(airlock_proto::BundleError::Older { .. })
+    ));
+
+    // Rollback is a new version with the old content: a new, higher bundle.
+    let (s, rb) =
+        c.call("POST", "/api/v1/policy/rollback", Some(r#"{"to_version":1}"#), true).await;
+    assert_eq!(s, 201, "{rb}");
+    let rb: PolicyVersionSummary = serde_json::from_str(&rb).unwrap();
+    assert_eq!((rb.version, rb.rollback_of), (2, Some(1)));
+    let StreamMessage::Bundle(third) = next_message(&mut body, &mut buf).await else {
+        panic!("bundle pushed")
+    };
+    let b2: airlock_proto::PolicyBundle =
+        third.verify(&bundle_key, "lab-appliance", Some(b1.version)).unwrap();
+    assert!(b2.version > b1.version);
+    let flows = |b: &airlock_proto::PolicyBundle| {
+        b.entries.iter().map(|e| (e.flow, e.rule_id, e.expires_unix)).collect::<Vec<_>>()
+    };
+    assert_eq!(flows(&b2), flows(&b1), "same content");
+    assert_eq!(b2.policy_version, 2);
+    let _: SignedBundle = third;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_listener_refuses_no_foreign_and_revoked_certificates() {
+    let c = start().await;
+    let t = c.token_for("ward-1").await;
+    let (s, b, key) = c.enroll(&t.token).await;
+    assert_eq!(s, 200, "{b}");
+    let e: EnrollResponse = serde_json::from_str(&b).unwrap();
+    let agent = c.started.agent_addr;
+    let ok = request(
+        agent,
+        client(&e.ca_pem, Some((&e.certificate_pem, &key))),
+        "GET",
+        "/agent/v1/stream",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(ok.map(|r| r.0), Ok(200));
+
+    // No certificate.
+    let none = request(agent, client(&e.ca_pem, None), "GET", "/agent/v1/stream", None, None).await;
+    assert!(none.is_err(), "no client certificate must be refused: {:?}", none.map(|r| r.0));
+
+    // A certificate from another CA, same name.
+    let fkey = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut p = rcgen::CertificateParams::new(vec![]).unwrap();
+    p.distinguished_name.push(rcgen::DnType::CommonName, "ward-1");
+    let foreign = p.self_signed(&fkey).unwrap();
+    let r = request(
+        agent,
+        client(&e.ca_pem, Some((&foreign.pem(), &fkey))),
+        "GET",
+        "/agent/v1/stream",
+        None,
+        None,
+    )
+    .await;
+    assert!(r.is_err(), "a foreign certificate must be refused");
+
+    // Revoked: the same certificate that worked is refused at the next handshake.
+    let (s, b) = c.call("POST", "/api/v1/appliances/ward-1/revoke", Some(""), true).await;
+    assert_eq!(s, 200, "{b}");
+    let r = request(
+        agent,
+        client(&e.ca_pem, Some((&e.certificate_pem, &key))),
+        "GET",
+        "/agent/v1/stream",
+        None,
+        None,
+    )
+    .await;
+    assert!(r.is_err(), "a revoked appliance must be refused");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_token_enrolls_exactly_one_appliance_under_concurrency() {
+    let c = Arc::new(start().await);
+    let t = c.token_for("ward-2").await;
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (c, tok) = (c.clone(), t.token.clone());
+        tasks.push(tokio::spawn(async move { c.enroll(&tok).await.0 }));
+    }
+    let mut codes = Vec::new();
+    for t in tasks {
+        codes.push(t.await.unwrap());
+    }
+    assert_eq!(codes.iter().filter(|c| **c == 200).count(), 1, "{codes:?}");
+    assert!(codes.iter().all(|c| *c == 200 || *c == 409), "{codes:?}");
+    // A replay is told the token was used; an unknown token is refused.
+    let (s, b, _) = c.enroll(&t.token).await;
+    assert_eq!(s, 409);
+    assert_eq!(serde_json::from_str::<ApiError>(&b).unwrap().error, "token_used");
+    let (s, _, _) = c.enroll("not-a-token").await;
+    assert_eq!(s, 401);
+    // An expired token (time moved past its end) gets its own error.
+    let (tok, exp) = c.started.state.appliances.create("ward-3", Some(3600), 1_000).unwrap();
+    let err = c
+        .started
+        .state
+        .appliances
+        .enroll(&c.started.state.ca, &c.started.state.registry, &tok, "x", exp)
+        .unwrap_err();
+    assert!(matches!(err, airlock_controller::appliances::ApplianceError::TokenExpired), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_needs_a_session_and_tls_below_1_2_is_refused() {
+    let c = start().await;
+    let (s, _) = c.call("GET", "/api/v1/appliances", None, false).await;
+    assert_eq!(s, 401);
+    let (s, doc) = c.call("GET", "/api/v1/openapi.json", None, false).await;
+    assert_eq!(s, 200);
+    for p in ["/api/v1/appliances", "/api/v1/policy", "/api/v1/enroll", "/api/v1/policy/rollback"] {
+        assert!(doc.contains(&format!("\"{p}\"")), "OpenAPI lists {p}");
+    }
+    let (s, m) = c.call("GET", "/metrics", None, true).await;
+    assert!(s == 200 && m.contains("airlock_http_responses_total"), "{m}");
+
+    let port = c.started.main_addr.port().to_string();
+    let s_client = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &format!("127.0.0.1:{port}"),
+                "-servername",
+                "localhost",
+            ])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("openssl");
+        let all = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        // A session was set up when a cipher was agreed.
+        let agreed = all.lines().any(|l| {
+            l.trim_start().starts_with("Cipher is ")
+                || l.contains("Cipher    :") && !l.contains("0000")
+        });
+        (agreed, all)
+    };
+    for old in
+        [["-tls1", "-cipher", "DEFAULT@SECLEVEL=0"], ["-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0"]]
+    {
+        let (agreed, out) = s_client(&old);
+        assert!(!agreed, "{old:?} must be refused:\n{out}");
+    }
+    let (agreed, out) = s_client(&["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA"]);
+    assert!(!agreed, "CBC suites must be refused:\n{out}");
+    for good in [["-tls1_2"], ["-tls1_3"]] {
+        let (agreed, out) = s_client(&good);
+        assert!(agreed, "{good:?} must work:\n{out}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_writes_loses_no_acknowledged_write() {
+    use std::io::{BufRead as _, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let ready = dir.path().join("ready");
+    let spawn = || {
+        let _ = std::fs::remove_file(&ready);
+        Command::new(env!("CARGO_BIN_EXE_airlock-controller"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--agent-listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--ready-file")
+            .arg(&ready)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    // Port 0: the URL (and so the port) comes from the ready file.
+    let wait_ready = || {
+        for _ in 0..300 {
+            if let Ok(t) = std::fs::read_to_string(&ready) {
+                let url = t.lines().find_map(|l| l.strip_prefix("url=")).unwrap().to_owned();
+                return url.trim_start_matches("https://").parse::<SocketAddr>().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("controller did not start");
+    };
+    let mut child = spawn();
+    let addr = wait_ready();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut password = None;
+    let mut line = String::new();
+    while password.is_none() && out.read_line(&mut line).unwrap() > 0 {
+        password = line.split("password ").nth(1).map(|p| p.trim().to_owned());
+        line.clear();
+    }
+    let password = password.expect("bootstrap credential printed");
+    let ca_pem = std::fs::read_to_string(dir.path().join("data/ca.pem")).unwrap();
+    let login = |addr: SocketAddr, ca: String, password: String| async move {
+        let body = format!(r#"{{"user":"admin","password":"{password}"}}"#);
+        let (s, b) = request(addr, client(&ca, None), "POST", "/api/v1/login", Some(&body), None)
+            .await
+            .unwrap();
+        assert_eq!(s, 200);
+        serde_json::from_str::<serde_json::Value>(&text(b).await).unwrap()["token"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let token = login(addr, ca_pem.clone(), password.clone()).await;
+
+    // Four writers create appliances as fast as they can; every 201 is an acknowledged write.
+    let acked = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (acked, token, ca) = (acked.clone(), token.clone(), ca_pem.clone());
+        writers.push(tokio::spawn(async move {
+            for i in 0.. {
+                let id = format!("w{w}-{i}");
+                let body = format!(r#"{{"id":"{id}"}}"#);
+                match request(
+                    addr,
+                    client(&ca, None),
+                    "POST",
+                    "/api/v1/appliances",
+                    Some(&body),
+                    Some(&token),
+                )
+                .await
+                {
+                    Ok((201, _)) => acked.lock().unwrap().push(id),
+                    _ => break,
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    for w in writers {
+        w.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() >= 10, "the writers made progress ({})", acked.len());
+    eprintln!("acknowledged writes before SIGKILL: {}", acked.len());
+
+    let mut child = spawn();
+    let addr = wait_ready();
+    let token = login(addr, ca_pem.clone(), password).await;
+    let (s, b) =
+        request(addr, client(&ca_pem, None), "GET", "/api/v1/appliances", None, Some(&token))
+            .await
+            .unwrap();
+    assert_eq!(s, 200);
+    let list: Vec<airlock_proto::admin::ApplianceView> =
+        serde_json::from_str(&text(b).await).unwrap();
+    let have: std::collections::BTreeSet<String> = list.into_iter().map(|a| a.id).collect();
+    let lost: Vec<&String> = acked.iter().filter(|id| !have.contains(*id)).collect();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged writes lost: {lost:?}",
+        lost.len(),
+        acked.len()
+    );
+}

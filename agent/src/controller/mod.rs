@@ -24,6 +24,8 @@ pub mod lkg;
 pub mod mgmt;
 pub mod renew;
 pub mod report;
+#[cfg(test)]
+mod stand_in;
 pub mod sync;
 pub mod tls;
 

@@ -53,6 +53,14 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
+    /// The server's chain does not contain the pinned CA.
+    #[error(
+        "{authority} did not present the pinned CA (wrong CA fingerprint, or not the controller)"
+    )]
+    PinMismatch {
+        /// host:port.
+        authority: String,
+    },
     /// Connecting or the exchange took too long.
     #[error("{what} timed out")]
     Timeout {
@@ -87,6 +95,7 @@ impl ClientError {
     /// True for errors that retrying cannot fix (the controller said no).
     pub fn is_refusal(&self) -> bool {
         matches!(self, ClientError::Api { status, .. } if status.is_client_error())
+            || matches!(self, ClientError::PinMismatch { .. })
     }
 }
 
@@ -157,10 +166,14 @@ pub async fn connect(
             url: authority.clone(),
             why: "the host is not a valid server name",
         })?;
-        let stream = tokio_rustls::TlsConnector::from(tls)
-            .connect(name, tcp)
-            .await
-            .map_err(|source| ClientError::Tls { authority: authority.clone(), source })?;
+        let stream =
+            tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.map_err(|source| {
+                if is_pin_mismatch(&source) {
+                    ClientError::PinMismatch { authority: authority.clone() }
+                } else {
+                    ClientError::Tls { authority: authority.clone(), source }
+                }
+            })?;
         let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(ClientError::Http)?;
@@ -172,6 +185,15 @@ pub async fn connect(
         Ok(send)
     })
     .await
+}
+
+fn is_pin_mismatch(e: &std::io::Error) -> bool {
+    let inner = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
+    matches!(
+        inner,
+        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(o)))
+            if o.0.downcast_ref::<super::tls::PinMismatch>().is_some()
+    )
 }
 
 fn request(

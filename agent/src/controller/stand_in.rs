@@ -230,8 +230,8 @@ async fn enrollment_is_pinned_single_use_and_stores_the_identity() {
     // A wrong pin: the TLS handshake fails, nothing is written.
     let wrong = format!("sha256:{}", "00".repeat(32));
     let e = super::enroll(&cfg, &c.main_url, &wrong, &token("good-token")).await.unwrap_err();
-    assert!(matches!(e, ControllerError::Client(ClientError::Tls { .. })), "{e:?}");
-    assert!(!e.is_refusal());
+    assert!(matches!(e, ControllerError::Client(ClientError::PinMismatch { .. })), "{e:?}");
+    assert!(e.is_refusal(), "a wrong pin is final");
     assert!(!paths.dir().exists());
 
     // An unknown token: a clear, final refusal.

@@ -168,6 +168,11 @@ pub fn agent_config(id: &Identity) -> Result<Arc<ClientConfig>, TlsError> {
         .with_root_certificates(roots(&id.ca_pem)?)
         .with_client_auth_cert(certs, key)
         .map_err(TlsError::Config)?;
+    let mut cfg = cfg;
+    // A full handshake every time: the controller checks revocation (and a
+    // renewed certificate is presented) at the handshake; a resumed session
+    // would skip both.
+    cfg.resumption = rustls::client::Resumption::disabled();
     Ok(finish(cfg))
 }
 

@@ -24,6 +24,8 @@ const APT_PACKAGES: &[&str] = &[
     "ethtool",
     "iputils-ping",
     "util-linux",
+    // The controller store's PKCS#11 KMS backend is tested against a SoftHSM2 token.
+    "softhsm2",
 ];
 
 /// Rustup components per toolchain.

@@ -16,7 +16,7 @@
 //! - **Keys stay plaintext** so that ordering and prefix scans work: a record key must
 //!   never hold patient data, a secret or a token (use an id and put the rest in the value).
 //! - **Durable writes**: `insert`, `remove` and `compare_and_swap` return only once sled
-//!   has flushed and fsynced the write. Concurrent writers share flushes (group commit).
+//!   has flushed and fsynced the write (concurrent flushes share their work inside sled).
 //! - **KEK rotation is online**: [`Store::rotate_kek`] asks the KMS for a new version and
 //!   rewraps every DEK; reads and writes keep running (they never call the KMS once a
 //!   tree is open), and values are not re-encrypted (their DEKs do not change).
@@ -80,7 +80,7 @@ struct Inner {
     dek_lock: Mutex<()>,
     /// Writers hold it shared; a backup holds it exclusively for a consistent copy.
     write_gate: RwLock<()>,
-    commit: GroupCommit,
+    commit: Durability,
 }
 
 impl std::fmt::Debug for Store {
@@ -192,7 +192,7 @@ impl Store {
                 store_id: info.store_id,
                 dek_lock: Mutex::new(()),
                 write_gate: RwLock::new(()),
-                commit: GroupCommit::default(),
+                commit: Durability::default(),
             }),
             trees: Arc::new(RwLock::new(HashMap::new())),
         })
@@ -320,8 +320,7 @@ impl Store {
         &self.inner.store_id
     }
 
-    /// How many fsyncing flushes writes have caused (group commit makes this smaller
-    /// than the number of writes under concurrency).
+    /// How many flushes (write + fsync) durable writes have asked sled for.
     pub fn durable_flushes(&self) -> u64 {
         self.inner.commit.flushes.load(Ordering::Relaxed)
     }
@@ -363,28 +362,17 @@ fn validate_tree_name(name: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Durable writes with shared flushes: a writer returns once a flush that started after
-/// its write has completed. Writers arriving while a flush runs wait for the next one,
-/// which covers all of them.
+/// Durable writes: a write returns once a sled flush (write + fsync) that began after
+/// it has completed. sled already lets concurrent flushes share their work; a
+/// mutex-based group commit on top measured slower (BENCHMARKS.md), so there is none.
 #[derive(Default)]
-struct GroupCommit {
-    /// Writes completed (incremented after the write is in sled).
-    written: AtomicU64,
-    /// The `written` count the last completed flush covered.
-    flushed: Mutex<u64>,
+struct Durability {
     flushes: AtomicU64,
 }
 
-impl GroupCommit {
+impl Durability {
     fn sync(&self, db: &sled::Db) -> Result<(), StoreError> {
-        let mine = self.written.fetch_add(1, Ordering::SeqCst) + 1;
-        let mut flushed = self.flushed.lock().unwrap_or_else(|p| p.into_inner());
-        if *flushed >= mine {
-            return Ok(());
-        }
-        let covers = self.written.load(Ordering::SeqCst);
         db.flush().map_err(sled_err("flush"))?;
-        *flushed = covers;
         self.flushes.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }

@@ -325,7 +325,8 @@ impl Store {
         self.inner.commit.flushes.load(Ordering::Relaxed)
     }
 
-    /// Writes a backup to `out`; see [`backup`](crate::backup) for the format.
+    /// Writes a consistent backup to `out` (a new file, mode 0600; writers wait meanwhile).
+    /// The format is described in `backup.rs`; restoring it needs the same KMS.
     pub fn backup(&self, out: &Path) -> Result<BackupReport, StoreError> {
         backup::write(self, out)
     }

@@ -224,7 +224,17 @@ impl Link {
                 }
                 self.activate(cfg, &id);
             }
-            Event::ReportDue => self.report(cfg, dp),
+            Event::ReportDue => {
+                // Not connected: put the management entries back in case a
+                // local `policy apply` replaced them (it makes the maps equal
+                // its policy), else the controller's answers stay dropped.
+                if matches!(&self.stage, Stage::On(a) if !a.status.connected) {
+                    if let Err(e) = mgmt::ensure(&mut dp.maps, cfg, &[]) {
+                        debug!(error = %e, "cannot write the controller management entries");
+                    }
+                }
+                self.report(cfg, dp);
+            }
             Event::Sync(SyncEvent::Connected) => {
                 self.update(|s| {
                     s.connected = true;

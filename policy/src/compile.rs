@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use crate::{
     flow::{Expiry, Flow, FlowEntry, Ingress, Protocol},
-    model::{Grant, GRANT_RULE_BASE},
+    model::{Grant, GRANT_RULE_BASE, MANAGEMENT_RULE_ID},
     validate::{Issue, Resolved},
 };
 
@@ -90,7 +90,7 @@ pub fn compile(
 
     for (i, g) in grants.iter().enumerate() {
         let at = |field: &str| format!("grant[{i}].{field}");
-        if g.id == 0 || g.id >= GRANT_RULE_BASE {
+        if g.id == 0 || g.id >= GRANT_RULE_BASE || GRANT_RULE_BASE | g.id == MANAGEMENT_RULE_ID {
             issues.push(Issue {
                 path: at("id"),
                 message: format!("grant id {} is out of range", g.id),

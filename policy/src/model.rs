@@ -190,3 +190,7 @@ pub struct Grant {
 
 /// Rule ids at and above this belong to grants.
 pub const GRANT_RULE_BASE: u32 = 0x8000_0000;
+
+/// The rule id of the agent's own management entries (its connection to the
+/// controller); no policy flow or grant may produce it.
+pub const MANAGEMENT_RULE_ID: u32 = u32::MAX;

@@ -18,7 +18,7 @@ use super::{client::Endpoint, identity::IdentityPaths};
 use crate::config::{AgentConfig, Role};
 
 /// The rule id recorded on management entries (policy rule ids are small).
-pub const MGMT_RULE_ID: u32 = u32::MAX;
+pub const MGMT_RULE_ID: u32 = airlock_policy::model::MANAGEMENT_RULE_ID;
 
 /// The controller endpoints this agent talks to: the configured main URL and,
 /// once enrolled, the recorded main and agent URLs.

@@ -29,6 +29,28 @@ use crate::{api::AgentId, state::AppState};
 #[derive(Clone, Debug)]
 pub struct User(pub String);
 
+/// The serial of an agent connection's client certificate.
+#[derive(Clone, Debug)]
+pub struct CertSerial(pub String);
+
+/// Refuses every request whose client certificate is no longer accepted (a
+/// revocation also ends keep-alive connections opened before it).
+async fn current_cert(req: Request, next: Next) -> Response {
+    let ok = match (
+        req.extensions().get::<Arc<AppState>>(),
+        req.extensions().get::<AgentId>(),
+        req.extensions().get::<CertSerial>(),
+    ) {
+        (Some(st), Some(id), Some(serial)) => st.registry.accepts(&id.0, &serial.0),
+        _ => false,
+    };
+    if ok {
+        next.run(req).await
+    } else {
+        (StatusCode::FORBIDDEN, "certificate revoked or superseded\n").into_response()
+    }
+}
+
 /// The peer of a connection.
 #[derive(Clone, Copy, Debug)]
 pub struct Peer(pub SocketAddr);
@@ -110,7 +132,8 @@ pub fn main_app(state: Arc<AppState>) -> Router {
 /// The agent listener's service (no overall timeout: the stream is long-lived).
 pub fn agent_app(state: Arc<AppState>) -> Router {
     let st = state.clone();
-    harden(crate::api::agent_router(state), false).layer(axum::Extension(st))
+    harden(crate::api::agent_router(state).layer(middleware::from_fn(current_cert)), false)
+        .layer(axum::Extension(st))
 }
 
 /// Serves `app` over TLS on `listener`. With `agent`, each connection's
@@ -146,10 +169,9 @@ pub async fn serve_tls(listener: TcpListener, tls: Arc<ServerConfig>, app: Route
                     .1
                     .peer_certificates()
                     .and_then(|c| c.first())
-                    .and_then(|c| crate::ca::serial_and_cn(c))
-                    .map(|(_, cn)| cn);
+                    .and_then(|c| crate::ca::serial_and_cn(c));
                 match cn {
-                    Some(cn) => Some(AgentId(cn)),
+                    Some((serial, cn)) => Some((AgentId(cn), serial)),
                     None => return, // the verifier requires a certificate; never serve without one
                 }
             } else {
@@ -157,8 +179,9 @@ pub async fn serve_tls(listener: TcpListener, tls: Arc<ServerConfig>, app: Route
             };
             let svc = app.map_request(move |mut req: Request<hyper::body::Incoming>| {
                 req.extensions_mut().insert(Peer(peer));
-                if let Some(id) = &id {
+                if let Some((id, serial)) = &id {
                     req.extensions_mut().insert(id.clone());
+                    req.extensions_mut().insert(CertSerial(serial.clone()));
                 }
                 req
             });

@@ -193,5 +193,9 @@ pub fn agent_config(
     let verifier = Arc::new(RegistryVerifier { inner, registry });
     let mut c = base(provider())?.with_client_cert_verifier(verifier).with_cert_resolver(cert);
     c.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // No resumption: a resumed session would skip the verifier, and with it
+    // the revocation check. Every agent connection is a full handshake.
+    c.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    c.send_tls13_tickets = 0;
     Ok(Arc::new(c))
 }

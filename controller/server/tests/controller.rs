@@ -277,16 +277,31 @@ async fn the_agent_listener_refuses_no_foreign_and_revoked_certificates() {
     assert_eq!(s, 200, "{b}");
     let e: EnrollResponse = serde_json::from_str(&b).unwrap();
     let agent = c.started.agent_addr;
-    let ok = request(
-        agent,
-        client(&e.ca_pem, Some((&e.certificate_pem, &key))),
-        "GET",
-        "/agent/v1/stream",
-        None,
-        None,
-    )
-    .await;
+    // One client configuration throughout: it would resume sessions if the
+    // server allowed it (a resumed session skips the certificate check).
+    let mine = client(&e.ca_pem, Some((&e.certificate_pem, &key)));
+    let ok = request(agent, mine.clone(), "GET", "/agent/v1/stream", None, None).await;
     assert_eq!(ok.map(|r| r.0), Ok(200));
+    // A keep-alive connection opened before the revocation.
+    let tcp = TcpStream::connect(agent).await.unwrap();
+    let tls = TlsConnector::from(Arc::new(mine.clone()))
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut kept, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(conn);
+    let report = || {
+        let body = serde_json::to_vec(&airlock_proto::agent::Report::default()).unwrap();
+        Request::builder()
+            .method("POST")
+            .uri("/agent/v1/report")
+            .header("host", "127.0.0.1")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap()
+    };
+    assert_eq!(kept.send_request(report()).await.unwrap().status(), 204);
 
     // No certificate.
     let none = request(agent, client(&e.ca_pem, None), "GET", "/agent/v1/stream", None, None).await;
@@ -311,16 +326,13 @@ async fn the_agent_listener_refuses_no_foreign_and_revoked_certificates() {
     // Revoked: the same certificate that worked is refused at the next handshake.
     let (s, b) = c.call("POST", "/api/v1/appliances/ward-1/revoke", Some(""), true).await;
     assert_eq!(s, 200, "{b}");
-    let r = request(
-        agent,
-        client(&e.ca_pem, Some((&e.certificate_pem, &key))),
-        "GET",
-        "/agent/v1/stream",
-        None,
-        None,
-    )
-    .await;
-    assert!(r.is_err(), "a revoked appliance must be refused");
+    let r = request(agent, mine, "GET", "/agent/v1/stream", None, None).await;
+    assert!(r.is_err(), "a revoked appliance must be refused, also when it tries to resume");
+    let again = kept.send_request(report()).await.map(|r| r.status().as_u16());
+    assert!(
+        matches!(again, Ok(403) | Err(_)),
+        "a connection opened before the revocation is refused too: {again:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -58,6 +58,8 @@ pub struct Started {
     pub main_addr: SocketAddr,
     /// Where the agent listener is bound.
     pub agent_addr: SocketAddr,
+    /// Where the plain-HTTP redirect listener is bound, when configured.
+    pub redirect_addr: Option<SocketAddr>,
     /// The bootstrap admin password, on the first start only.
     pub bootstrap: Option<String>,
 }
@@ -113,14 +115,16 @@ pub async fn start(mut cfg: ControllerConfig, store: Store) -> Result<Started, S
     let agent_tls = tls::agent_config(cert, state.ca.cert_der(), registry)?;
     tokio::spawn(server::serve_tls(main_l, main_tls, server::main_app(state.clone()), false));
     tokio::spawn(server::serve_tls(agent_l, agent_tls, server::agent_app(state.clone()), true));
+    let mut redirect_addr = None;
     if let Some(a) = cfg.http_redirect_listen {
         let l = bind(a).await?;
+        redirect_addr = l.local_addr().ok();
         tokio::spawn(server::serve_redirect(l, state.public_url.clone()));
     }
     tokio::spawn(renew_server_cert(state.clone(), names));
     tracing::info!(url = %state.public_url, agent_url = %state.agent_url, enrolled,
         fingerprint = %state.ca.fingerprint(), "serving");
-    Ok(Started { state, main_addr, agent_addr, bootstrap })
+    Ok(Started { state, main_addr, agent_addr, redirect_addr, bootstrap })
 }
 
 /// Re-issues the server certificate when a third of its life is left.

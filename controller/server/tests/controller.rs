@@ -38,6 +38,7 @@ async fn start() -> Ctl {
         data_dir: dir.path().into(),
         listen: "127.0.0.1:0".parse().unwrap(),
         agent_listen: "127.0.0.1:0".parse().unwrap(),
+        http_redirect_listen: Some("127.0.0.1:0".parse().unwrap()),
         ..ControllerConfig::default()
     };
     let kms = airlock_kms::open(&cfg.kms(), None).unwrap();
@@ -526,4 +527,21 @@ async fn sigkill_during_writes_loses_no_acknowledged_write() {
         lost.len(),
         acked.len()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_only_redirects_to_https() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let c = start().await;
+    let mut tcp = TcpStream::connect(c.started.redirect_addr.unwrap()).await.unwrap();
+    tcp.write_all(b"GET /api/v1/appliances?x=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    tcp.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 308"), "{out}");
+    let want =
+        format!("location: https://127.0.0.1:{}/api/v1/appliances?x=1", c.started.main_addr.port());
+    assert!(out.to_lowercase().contains(&want), "{out}");
+    assert!(!out.contains("\"id\""), "no data over plain HTTP");
 }

@@ -7,16 +7,30 @@
 //! flows it measures: the policy compile (TOML text → validated → entries),
 //! the nftables compile and render, the full apply on each layer (eBPF: the
 //! reconciler's upserts into empty maps; nftables: one `nft -f` transaction),
-//! and the latency of a one-flow change on each layer.
+//! and the latency of a one-flow change on each layer. The nftables one-flow
+//! change is what the agent does — the element delta, the table lookup and
+//! one netlink batch (`nft_netlink`) — timed over [`CHANGES`] changes (median
+//! and p99): until the kernel acknowledged it (in force), on a socket kept
+//! open, and with a socket opened and closed per change (as `policy apply`
+//! does); beside the same change as an `nft -f` text delta (the path before
+//! netlink) and as a whole-table replacement.
 
-use std::{fmt::Write as _, net::Ipv4Addr, time::Instant};
+use std::{
+    fmt::Write as _,
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
 
-use airlock_agent::{dataplane::PROGRAMS, maps::Maps, nftables};
-use airlock_policy::{check_toml, compile, nft, reconcile, Action, FlowEntry, Ingress, Now};
+use airlock_agent::{dataplane::PROGRAMS, maps::Maps, nft_netlink, nftables};
+use airlock_policy::{
+    check_toml, compile, nft, nft_delta, reconcile, Action, FlowEntry, Ingress, Now,
+};
 use anyhow::{Context as _, Result};
 
 mod common;
 const SIZES: [usize; 4] = [10, 1_000, 10_000, 100_000];
+/// One-flow changes timed per size on the nftables layer.
+const CHANGES: usize = 50;
 
 /// A policy with `n` patient hosts, each with one flow to one service.
 fn policy_text(n: usize) -> String {
@@ -40,6 +54,33 @@ fn policy_text(n: usize) -> String {
 
 fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
+}
+
+/// Median and 99th percentile (nearest rank) in milliseconds.
+fn median_p99(mut d: Vec<Duration>) -> (f64, f64) {
+    d.sort();
+    let at = |q: f64| {
+        let rank = ((q * d.len() as f64).ceil() as usize).clamp(1, d.len().max(1));
+        d.get(rank - 1).map_or(f64::NAN, |x| x.as_secs_f64() * 1e3)
+    };
+    (at(0.5), at(0.99))
+}
+
+/// `CHANGES` one-flow changes, back and forth between `a` and `b` (the table
+/// holds `a`), each applied by `apply`; the table holds `a` again afterwards.
+fn time_changes(
+    a: &nft::NftRuleset,
+    b: &nft::NftRuleset,
+    mut apply: impl FnMut(&nft::NftRuleset, &nft::NftRuleset) -> Result<()>,
+) -> Result<Vec<Duration>> {
+    let mut times = Vec::with_capacity(CHANGES);
+    for i in 0..CHANGES.next_multiple_of(2) {
+        let (from, to) = if i % 2 == 0 { (a, b) } else { (b, a) };
+        let t = Instant::now();
+        apply(from, to)?;
+        times.push(t.elapsed());
+    }
+    Ok(times)
 }
 
 fn apply_ebpf(
@@ -80,8 +121,8 @@ fn bench(pin_dir: &std::path::Path) -> Result<()> {
     let input = nft::NftInput::new(1)
         .with_ports(Ingress::Patient, ["patient0"])?
         .with_ports(Ingress::Uplink, ["uplink0"])?;
-    println!("| flows | policy compile | nft compile + render | eBPF full apply | nftables full apply | one-flow change: eBPF | one-flow change: nftables (element delta) | same change as a full table replace |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| flows | policy compile | nft compile + render | eBPF full apply | nftables full apply | one-flow change: eBPF | one-flow change: nftables over netlink, in force, median / p99 | the same incl. socket open and close, median / p99 | same change as `nft -f` element delta, median / p99 | same change as a full table replace |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for n in SIZES {
         let text = policy_text(n);
         let now = Now { unix_secs: 1_795_392_000, mono_ns: airlock_agent::clock::monotonic_ns() };
@@ -119,16 +160,40 @@ fn bench(pin_dir: &std::path::Path) -> Result<()> {
         anyhow::ensure!(one == 1, "{one} actions for one change");
         let old_rs = nft::compile(&input, entries, now.mono_ns);
         let new_rs = nft::compile(&input, &changed, now.mono_ns);
-        let t = Instant::now();
-        let script = airlock_policy::nft_delta::delta(&old_rs, &new_rs).context("same shape")?;
-        nftables::apply(&script)?;
-        let nft_one_ms = ms(t);
-        anyhow::ensure!(script.lines().count() == 2, "one flow: one delete and one add:\n{script}");
+        let one = nft_delta::element_delta(&old_rs, &new_rs).context("same shape")?;
+        anyhow::ensure!(
+            one.removals().len() == 1 && one.additions().len() == 1,
+            "one flow: one removal and one addition:\n{one}"
+        );
+        // The agent's path: delta, table lookup, one netlink batch, on a socket
+        // kept open (the change is in force when the last ack is read).
+        let mut nl = nft_netlink::NftNetlink::open()?;
+        let netlink = time_changes(&old_rs, &new_rs, |from, to| {
+            let d = nft_delta::element_delta(from, to).context("same shape")?;
+            anyhow::ensure!(nl.table_exists(to.table())?, "the table is there");
+            Ok(nl.apply_delta(&d)?)
+        })?;
+        drop(nl);
+        // The same with a socket per change, as `policy apply` does: closing it
+        // waits for the kernel to release the transaction.
+        let per_socket = time_changes(&old_rs, &new_rs, |from, to| {
+            let d = nft_delta::element_delta(from, to).context("same shape")?;
+            let mut nl = nft_netlink::NftNetlink::open()?;
+            anyhow::ensure!(nl.table_exists(to.table())?, "the table is there");
+            Ok(nl.apply_delta(&d)?)
+        })?;
+        // The same change through `nft -f` (the path before netlink).
+        let text = time_changes(&old_rs, &new_rs, |from, to| {
+            let script = nft_delta::delta(from, to).context("same shape")?;
+            Ok(nftables::apply(&script)?)
+        })?;
         let t = Instant::now();
         nftables::apply(&new_rs.to_string())?;
         let nft_replace_ms = ms(t);
+        let ((nl_med, nl_p99), (sock_med, sock_p99), (text_med, text_p99)) =
+            (median_p99(netlink), median_p99(per_socket), median_p99(text));
         println!(
-            "| {n} | {compile_ms:.1} ms | {nft_compile_ms:.1} ms | {ebpf_ms:.1} ms | {nft_ms:.1} ms | {ebpf_one_ms:.2} ms | {nft_one_ms:.1} ms | {nft_replace_ms:.0} ms |"
+            "| {n} | {compile_ms:.1} ms | {nft_compile_ms:.1} ms | {ebpf_ms:.1} ms | {nft_ms:.1} ms | {ebpf_one_ms:.2} ms | {nl_med:.2} / {nl_p99:.2} ms | {sock_med:.1} / {sock_p99:.1} ms | {text_med:.1} / {text_p99:.1} ms | {nft_replace_ms:.0} ms |"
         );
     }
     Ok(())

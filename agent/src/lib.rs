@@ -26,6 +26,7 @@ pub mod events;
 pub mod fault;
 pub mod maps;
 pub mod netif;
+pub mod nft_netlink;
 pub mod nftables;
 pub mod policy_cmd;
 pub mod store;

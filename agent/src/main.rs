@@ -275,6 +275,8 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Flow(cmd) => flow(&cfg.pins(), cmd),
         Command::Stats { json } => stats(&cfg.pins(), json),
         Command::Policy(PolicyCommand::Apply { file, appliance }) => {
+            // On stderr: how each layer was changed, and any fallback.
+            init_tracing(cfg.log.format);
             let name = appliance.unwrap_or_else(|| cfg.appliance.name.clone());
             let mut maps = Maps::open(&cfg.pins().maps())?;
             let store =

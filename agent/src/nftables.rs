@@ -1,7 +1,11 @@
-//! The nftables layer's applier: hands a rendered ruleset to `nft -f -` in the
-//! agent's network namespace. The text replaces the agent's own table in one
+//! The nftables layer's slow path: hands a rendered ruleset to `nft -f -` in
+//! the agent's network namespace. Used for whatever is not a pure element
+//! change — the first install, a changed table shape, and the fallback when
+//! the netlink element batch (`crate::nft_netlink`, the path of an ordinary
+//! policy change) is refused. The text replaces the agent's own table in one
 //! transaction (see `airlock_policy::nft`); nft reports errors on stderr,
-//! which are returned whole.
+//! which are returned whole. Starting nft and its cache load cost 8–15 ms
+//! even for a small table, which is why element changes do not come here.
 
 use std::{
     io::Write as _,
@@ -17,16 +21,6 @@ pub enum NftablesError {
     /// nft refused the ruleset; nothing was changed (one transaction).
     #[error("nft refused the ruleset: {0}")]
     Refused(String),
-}
-
-/// True when the table `inet <name>` exists in this network namespace.
-pub fn table_exists(name: &str) -> bool {
-    Command::new("nft").args(["list", "tables", "inet"]).output().is_ok_and(|o| {
-        o.status.success()
-            && String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .any(|l| l.trim() == format!("table inet {name}"))
-    })
 }
 
 /// Applies `ruleset` atomically.

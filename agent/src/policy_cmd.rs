@@ -170,9 +170,10 @@ pub fn diff(old: &Path, new: &Path, now: Now) -> Result<String, PolicyCmdError> 
 }
 
 /// Makes the maps equal `policy`'s entries for `appliance` (minimal changes,
-/// closing first), then, when `cfg` turns the layer on, replaces the nftables
-/// ruleset with one compiled from the same entries (one transaction).
-/// Returns (removed, upserted) of the eBPF step.
+/// closing first), then, when `cfg` turns the layer on, changes the nftables
+/// table to the same entries (see [`apply_entries`]). `previous` is the
+/// policy applied before (the last-known-good one), whose ruleset the table
+/// holds. Returns (removed, upserted) of the eBPF step.
 pub fn apply_policy(
     policy: &Policy,
     previous: Option<&Policy>,
@@ -182,11 +183,32 @@ pub fn apply_policy(
     maps: &mut Maps,
     now: Now,
 ) -> Result<(usize, usize), PolicyCmdError> {
-    let out = compile_policy(policy, origin, now)?;
-    let Some(want) = out.get(appliance) else {
+    let mut out = compile_policy(policy, origin, now)?;
+    let Some(want) = out.remove(appliance) else {
         let known = out.keys().cloned().collect::<Vec<_>>().join(", ");
         return Err(PolicyCmdError::UnknownAppliance { name: appliance.to_owned(), known });
     };
+    let before = previous.and_then(|p| {
+        let resolved = validate(p).ok()?;
+        Some((compile(&resolved, &[], now).ok()?.remove(appliance)?.entries, p.version))
+    });
+    let before = before.as_ref().map(|(e, v)| (e.as_slice(), *v));
+    apply_entries(&want.entries, policy.version, before, cfg, maps, now)
+}
+
+/// Makes both layers enforce `entries` (compiled for `policy_version` at
+/// `now`): the maps first (minimal changes, closing first), then the
+/// nftables step ([`apply_nftables_entries`]). `previous` is what was applied
+/// before (entries compiled at the same `now`, and their policy version).
+/// Returns (removed, upserted) of the eBPF step.
+pub fn apply_entries(
+    entries: &[FlowEntry],
+    policy_version: u32,
+    previous: Option<(&[FlowEntry], u32)>,
+    cfg: &AgentConfig,
+    maps: &mut Maps,
+    now: Now,
+) -> Result<(usize, usize), PolicyCmdError> {
     let listed = maps.list()?;
     let observed: Vec<FlowEntry> =
         listed.iter().filter_map(|(e, _, _)| e.as_ref().ok().copied()).collect();
@@ -196,7 +218,7 @@ pub fn apply_policy(
         tracing::warn!(unreadable, "flow entries the agent cannot read back are left in the maps");
     }
     let (mut removed, mut upserted) = (0, 0);
-    for act in reconcile(&want.entries, &observed, now.mono_ns) {
+    for act in reconcile(entries, &observed, now.mono_ns) {
         match act {
             Action::Remove(f) => {
                 maps.remove(&f)?;
@@ -209,42 +231,76 @@ pub fn apply_policy(
         }
     }
     crate::fault::point("after-ebpf");
-    if let Some(input) = cfg.nft_input(policy.version)? {
-        let ruleset = airlock_policy::nft::compile(&input, &want.entries, now.mono_ns);
-        apply_nftables(&ruleset, previous, appliance, cfg, now)?;
-    }
+    apply_nftables_entries(entries, policy_version, previous, cfg, now)?;
     Ok((removed, upserted))
 }
 
-/// The nftables step: element changes against the previous policy's ruleset
-/// when the table is there (it holds exactly that ruleset: the previous
-/// policy was saved only after its nftables step succeeded), else, or when
-/// that fails, the whole table in one transaction.
-fn apply_nftables(
-    ruleset: &airlock_policy::nft::NftRuleset,
-    previous: Option<&Policy>,
-    appliance: &str,
+/// The nftables step, when `cfg` turns the layer on. When the table is there
+/// it holds the ruleset of `previous` (what was applied before is saved only
+/// after its nftables step succeeded), and a change of elements only goes to
+/// the kernel over netlink as one batch (`nft_netlink`); anything else — no
+/// previous state, no table, a changed shape — and a batch the kernel
+/// refuses or does not confirm replace the whole table with `nft -f` (one
+/// transaction). Either way the table holds the old or the new ruleset, never
+/// a mix; run it after the eBPF step, which then already enforces the new one.
+pub fn apply_nftables_entries(
+    entries: &[FlowEntry],
+    policy_version: u32,
+    previous: Option<(&[FlowEntry], u32)>,
     cfg: &AgentConfig,
     now: Now,
 ) -> Result<(), PolicyCmdError> {
-    let old = previous.and_then(|p| {
-        let resolved = validate(p).ok()?;
-        let entries = compile(&resolved, &[], now).ok()?.remove(appliance)?.entries;
-        let input = cfg.nft_input(p.version).ok()??;
-        Some(airlock_policy::nft::compile(&input, &entries, now.mono_ns))
+    let Some(input) = cfg.nft_input(policy_version)? else { return Ok(()) };
+    let ruleset = airlock_policy::nft::compile(&input, entries, now.mono_ns);
+    let old = previous.and_then(|(entries, version)| {
+        let input = cfg.nft_input(version).ok()??;
+        Some(airlock_policy::nft::compile(&input, entries, now.mono_ns))
     });
-    let script = old
-        .filter(|_| crate::nftables::table_exists(ruleset.table()))
-        .and_then(|old| airlock_policy::nft_delta::delta(&old, ruleset));
-    match script {
-        Some(s) if s.is_empty() => Ok(()),
-        Some(s) => crate::nftables::apply(&s).or_else(|e| {
-            tracing::warn!(error = %e, "nftables element update failed; replacing the table");
-            crate::nftables::apply(&ruleset.to_string())
-        }),
-        None => crate::nftables::apply(&ruleset.to_string()),
+    let full = || crate::nftables::apply(&ruleset.to_string()).map_err(PolicyCmdError::from);
+    let Some(delta) = old.and_then(|old| airlock_policy::nft_delta::element_delta(&old, &ruleset))
+    else {
+        return full();
+    };
+    let (removed, added) = (delta.removals().len(), delta.additions().len());
+    // One socket for the lookup and the batch. Closing it (when the closure
+    // returns) waits for the kernel to release the transaction: after the
+    // change is in force.
+    let applied = crate::nft_netlink::NftNetlink::open().and_then(|mut nl| {
+        if !nl.table_exists(ruleset.table())? {
+            return Ok(false);
+        }
+        nl.apply_delta(&delta).map(|()| true)
+    });
+    match applied {
+        Ok(true) => {
+            tracing::info!(removed, added, "nftables elements changed over netlink");
+            Ok(())
+        }
+        Ok(false) => {
+            tracing::info!(table = ruleset.table(), "no nftables table yet; installing it whole");
+            full()
+        }
+        Err(e) => {
+            tracing::warn!(
+                error = %chain(&e),
+                removed,
+                added,
+                "nftables element batch not applied; replacing the table"
+            );
+            full()
+        }
     }
-    .map_err(PolicyCmdError::from)
+}
+
+/// An error and its causes on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let _ = write!(s, ": {c}");
+        cause = c.source();
+    }
+    s
 }
 
 /// `policy apply`: applies the file, then keeps it as the last-known-good

@@ -50,7 +50,10 @@
 //! when the entry expires, `timeout <secs>s`: the time left at compile time,
 //! rounded *up* to whole seconds (at least 1 s, at most [`MAX_TIMEOUT_SECS`]).
 //! Infrastructure entries have no timeout. Entries already expired at compile
-//! time are left out. Replies are matched only with `ct state established` in
+//! time are left out. The table is installed from this text; later element
+//! changes ([`crate::nft_delta::element_delta`]) reach the kernel as netlink
+//! messages the agent builds from the same [`NftElement`]s (the same key
+//! layout, timeout and comment), so `nft list` shows the same table either way. Replies are matched only with `ct state established` in
 //! the reply direction *and* the entry's element: there is no bare
 //! "established accept", so an entry that expires or is removed also stops the
 //! connections it let through.
@@ -466,6 +469,12 @@ pub struct NftElement {
 }
 
 impl NftElement {
+    /// The element's comment, `rule <id> v<version>` (the same text whether
+    /// the element is written by `nft -f` or sent over netlink).
+    pub fn comment(&self) -> String {
+        format!("rule {} v{}", self.rule_id, self.policy_version)
+    }
+
     /// Orders duplicates: the longest-lived, then the lowest rule id, then the
     /// highest version wins.
     fn rank(&self) -> (u64, std::cmp::Reverse<u32>, u32) {
@@ -492,7 +501,7 @@ impl fmt::Display for NftElement {
         if let Some(secs) = self.timeout_secs {
             write!(f, " timeout {secs}s")?;
         }
-        write!(f, " comment \"rule {} v{}\"", self.rule_id, self.policy_version)
+        write!(f, " comment \"{}\"", self.comment())
     }
 }
 

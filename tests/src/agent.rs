@@ -475,7 +475,7 @@ impl AgentRecord {
     }
 }
 
-fn send_signal(pid: u32, signal: Signal) -> Result<()> {
+pub(crate) fn send_signal(pid: u32, signal: Signal) -> Result<()> {
     let raw_pid = libc::pid_t::try_from(pid).map_err(|_| Error::Process {
         action: "signalling",
         pid,
@@ -493,7 +493,7 @@ fn send_signal(pid: u32, signal: Signal) -> Result<()> {
 }
 
 /// Whether `pid` exists and is not a zombie.
-fn process_alive(pid: u32) -> bool {
+pub(crate) fn process_alive(pid: u32) -> bool {
     let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return false;
     };
@@ -503,7 +503,7 @@ fn process_alive(pid: u32) -> bool {
         .is_some_and(|state| state != "Z" && state != "X")
 }
 
-fn wait_gone(pid: u32, timeout: Duration) -> bool {
+pub(crate) fn wait_gone(pid: u32, timeout: Duration) -> bool {
     let start = Instant::now();
     while start.elapsed() < timeout {
         if !process_alive(pid) {

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     host::BPFFS,
-    topology::{PATIENT_PORT, UPLINK_PORT},
+    topology::{MGMT_PORT, PATIENT_PORT, UPLINK_PORT},
     Error, Result,
 };
 
@@ -80,6 +80,21 @@ pub struct AgentConfig {
     pub log_format: LogFormat,
     /// `log.counters_interval_secs`.
     pub counters_interval_secs: u64,
+    /// `[controller]` (absent: policies are local files only).
+    pub controller: Option<ControllerSection>,
+}
+
+/// The agent's `[controller]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControllerSection {
+    /// `url`: the controller's main listener (`https://10.90.0.100:8443`).
+    pub url: String,
+    /// `ca_fingerprint`: the pinned CA (`sha256:<hex>`).
+    pub ca_fingerprint: String,
+    /// `enrollment_token_file`: `run` enrolls with it when not enrolled.
+    pub enrollment_token_file: Option<PathBuf>,
+    /// `report_interval_secs`.
+    pub report_interval_secs: u64,
 }
 
 impl AgentConfig {
@@ -108,7 +123,23 @@ impl AgentConfig {
             reply_min_port: 1024,
             log_format: LogFormat::Text,
             counters_interval_secs: 10,
+            controller: None,
         }
+    }
+
+    /// The same configuration managed by a controller: the management port
+    /// `mgmt0` joins the ports (role `uplink`: the management network is on
+    /// the hospital side, see [`crate::Topology`]) and `[controller]` is set.
+    pub fn with_controller(mut self, section: ControllerSection) -> Self {
+        if !self.ports.iter().any(|p| p.name == MGMT_PORT) {
+            self.ports.push(PortConfig {
+                name: MGMT_PORT.into(),
+                role: PortRole::Uplink,
+                xdp_mode: XdpMode::Native,
+            });
+        }
+        self.controller = Some(section);
+        self
     }
 
     /// The TOML text.
@@ -151,6 +182,20 @@ impl AgentConfig {
             "\n[log]\nformat = \"{format}\"\ncounters_interval_secs = {}\n",
             self.counters_interval_secs
         ));
+        if let Some(c) = &self.controller {
+            s.push_str(&format!(
+                "\n[controller]\nurl = {}\nca_fingerprint = {}\n",
+                toml_str(&c.url),
+                toml_str(&c.ca_fingerprint)
+            ));
+            if let Some(f) = &c.enrollment_token_file {
+                s.push_str(&format!(
+                    "enrollment_token_file = {}\n",
+                    toml_str(&f.to_string_lossy())
+                ));
+            }
+            s.push_str(&format!("report_interval_secs = {}\n", c.report_interval_secs));
+        }
         s
     }
 }
@@ -232,6 +277,28 @@ format = \"text\"
 counters_interval_secs = 10
 ";
         assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn a_managed_lab_config_adds_the_management_port_and_the_controller() {
+        let fp = format!("sha256:{}", "0f".repeat(32));
+        let c = AgentConfig::for_lab("t3f9a").with_controller(ControllerSection {
+            url: "https://10.90.0.100:8443".into(),
+            ca_fingerprint: fp.clone(),
+            enrollment_token_file: Some("/run/x/enrollment-token".into()),
+            report_interval_secs: 2,
+        });
+        let text = c.clone().with_controller(c.controller.clone().unwrap()).render();
+        assert_eq!(text.matches("name = \"mgmt0\"").count(), 1, "added once: {text}");
+        assert!(
+            text.contains("[[port]]\nname = \"mgmt0\"\nrole = \"uplink\"\nxdp_mode = \"native\"\n"),
+            "{text}"
+        );
+        let expected_tail = format!(
+            "[controller]\nurl = \"https://10.90.0.100:8443\"\nca_fingerprint = \"{fp}\"\n\
+             enrollment_token_file = \"/run/x/enrollment-token\"\nreport_interval_secs = 2\n"
+        );
+        assert!(text.ends_with(&expected_tail), "{text}");
     }
 
     #[test]

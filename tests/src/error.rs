@@ -126,6 +126,77 @@ pub enum Error {
     /// An operation that needs a running agent process found none.
     #[error("the agent is not running")]
     AgentNotRunning,
+    /// The controller binary is not where it was looked for.
+    #[error(
+        "controller binary {} not found: build it with `cargo build -p airlock-controller` \
+         or set AIRLOCK_CONTROLLER_BIN",
+        path.display()
+    )]
+    ControllerBinaryMissing {
+        /// Where it was looked for.
+        path: PathBuf,
+    },
+    /// The controller exited before it was serving.
+    #[error("controller exited before serving ({status}); log tail:\n{log_tail}")]
+    ControllerExited {
+        /// How it ended.
+        status: ExitStatus,
+        /// The last lines of its log.
+        log_tail: String,
+    },
+    /// The controller did not write its ready file in time.
+    #[error("controller not serving after {waited:?}; log tail:\n{log_tail}")]
+    ControllerNotReady {
+        /// How long we waited.
+        waited: Duration,
+        /// The last lines of its log.
+        log_tail: String,
+    },
+    /// An operation that needs a running controller process found none.
+    #[error("the controller is not running")]
+    ControllerNotRunning,
+    /// The controller did not exit in time after a signal.
+    #[error("controller (pid {pid}) still running {waited:?} after the signal")]
+    ControllerStuck {
+        /// The process.
+        pid: u32,
+        /// How long we waited.
+        waited: Duration,
+    },
+    /// The controller's output or files are not what the harness expects.
+    #[error("unexpected controller output: {0}")]
+    ControllerOutput(String),
+    /// An HTTPS exchange with the controller failed below HTTP (connect, TLS, I/O).
+    #[error("{what}")]
+    Http {
+        /// What was being done (`POST /api/v1/login`, `connecting to ...`).
+        what: String,
+        /// The cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The controller answered with an error status.
+    #[error("{method} {path}: HTTP {status}: {body}")]
+    Api {
+        /// The method.
+        method: &'static str,
+        /// The path.
+        path: String,
+        /// The status code.
+        status: u16,
+        /// The error body (the API's error JSON; it never holds secrets).
+        body: String,
+    },
+    /// Something the lab waits for did not happen in time.
+    #[error("{what} not reached after {waited:?}: {last}")]
+    NotConverged {
+        /// What was awaited.
+        what: &'static str,
+        /// How long we waited.
+        waited: Duration,
+        /// The last state seen.
+        last: String,
+    },
     /// A thread running in a namespace could not be started.
     #[error("cannot start a thread for namespace {ns}")]
     Thread {

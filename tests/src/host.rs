@@ -1,4 +1,5 @@
-//! Host prerequisites: where the agent binary is, and a mounted bpffs.
+//! Host prerequisites: where the agent and controller binaries are, and a
+//! mounted bpffs.
 
 use std::{
     fs,
@@ -21,6 +22,20 @@ pub fn agent_bin() -> Result<PathBuf> {
         Ok(path)
     } else {
         Err(Error::AgentBinaryMissing { path })
+    }
+}
+
+/// The controller binary: `$AIRLOCK_CONTROLLER_BIN`, else
+/// `<target dir>/debug/airlock-controller`.
+pub fn controller_bin() -> Result<PathBuf> {
+    let path = match std::env::var_os("AIRLOCK_CONTROLLER_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => target_dir().join("debug").join("airlock-controller"),
+    };
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(Error::ControllerBinaryMissing { path })
     }
 }
 

@@ -5,17 +5,23 @@
 //! ```text
 //!  p1 ─┐                                    ┌──────────── appliance ───────────┐
 //!      ├─ patient switch (bridge) ─ patient0│ XDP boundary, airlock-agent      │uplink0 ─ ext
-//!  p2 ─┘   10.77.0.0/24, fd00:a1:77::/64    └──────────────────────────────────┘ 10.78.0.0/24
+//!  p2 ─┘   10.77.0.0/24, fd00:a1:77::/64    └───────────────┬──────────────────┘ 10.78.0.0/24
+//!                                                        mgmt0 10.90.0.0/24
+//!                                                      ctl: airlock-controller (optional)
 //! ```
 //!
 //! - [`NetNs`]: one named network namespace, deleted on drop; run closures
 //!   (std sockets) or programs inside it.
 //! - [`Topology`]: the namespaces `<prefix>-p1`, `-p2`, `-psw`, `-app`, `-ext`
-//!   and their cables; built fail-closed (appliance forwarding off until the
-//!   agent enforces); deleted on drop.
+//!   (and `-ctl` with a controller) and their cables; built fail-closed
+//!   (appliance forwarding off until the agent enforces); deleted on drop.
 //! - [`Agent`]: `airlock-agent run` in the appliance namespace, its CLI
 //!   (flows, stats), restart and signals; detached and cleaned up on drop.
-//! - [`Lab`]: both together. [`LabStatus`]: the stable JSON of `lab status`.
+//! - [`Controller`]: `airlock-controller serve` in the controller namespace;
+//!   [`ControllerApi`]: an HTTPS client for its admin API, pinned to its CA.
+//! - [`Lab`]: all together; with a controller the appliance enrolls itself
+//!   and enforces the controller's policy. [`LabStatus`]: the stable JSON of
+//!   `lab status`.
 //!
 //! What it is not: it checks no Airlock behaviour itself (the tests do) and
 //! needs root (namespaces, bpffs, XDP). Everything it creates is named from
@@ -26,6 +32,8 @@
 mod agent;
 mod agent_formats;
 mod cmd;
+mod controller;
+mod controller_api;
 mod error;
 mod host;
 mod lab;
@@ -38,14 +46,28 @@ pub use agent::{
     Agent, AgentOptions, AgentRecord, Signal, DEFAULT_READY_TIMEOUT, LAB_APPLIANCE, LINK_PINS,
 };
 pub use agent_formats::{
-    AgentConfig, AgentStats, Counter, LogFormat, PortConfig, PortRole, XdpMode,
+    AgentConfig, AgentStats, ControllerSection, Counter, LogFormat, PortConfig, PortRole, XdpMode,
 };
+/// The controller's admin API types the harness returns.
+pub use airlock_proto::admin::{
+    ApplianceState, ApplianceView, EnrollmentToken, PolicyVersionSummary,
+};
+pub use controller::{
+    Controller, ControllerOptions, ControllerRecord, ADMIN_USER, CONTROLLER_READY_TIMEOUT,
+};
+pub use controller_api::{is_applied, ControllerApi, Secret};
 pub use error::{Error, Result};
-pub use host::{agent_bin, bpffs_mounted, ensure_bpffs, target_dir, workspace_root, BPFFS};
-pub use lab::{Lab, LabOptions};
+pub use host::{
+    agent_bin, bpffs_mounted, controller_bin, ensure_bpffs, target_dir, workspace_root, BPFFS,
+};
+pub use lab::{Lab, LabOptions, DEFAULT_CONVERGE_TIMEOUT};
 pub use names::unique_prefix;
 pub use netns::NetNs;
 pub use status::{
-    AgentStatus, HostStatus, InterfaceStatus, LabState, LabStatus, NamespaceStatus, STATUS_SCHEMA,
+    AgentStatus, ControllerStatus, HostStatus, InterfaceStatus, LabState, LabStatus,
+    NamespaceStatus, STATUS_SCHEMA,
 };
-pub use topology::{addr, Node, Role, Topology, BRIDGE, HOST_IF, PATIENT_PORT, UPLINK_PORT};
+pub use topology::{
+    addr, Node, Role, Topology, TopologyOptions, BRIDGE, HOST_IF, HOST_LINK_IF, MGMT_PORT,
+    PATIENT_PORT, UPLINK_PORT,
+};

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     agent::AgentRecord,
+    controller::ControllerRecord,
     names,
     topology::{addr, Node, Role},
     NetNs,
@@ -23,14 +24,16 @@ pub const STATUS_SCHEMA: u32 = 1;
 /// - `schema`: [`STATUS_SCHEMA`] (1).
 /// - `lab`: the lab's name, which is its namespace prefix (`"al"` for the
 ///   interactive lab, `t` + 4 characters in tests).
-/// - `state`: `"running"` (every namespace exists and the agent, if the lab
-///   has one, is alive), `"down"` (no namespace left and no agent alive), or
-///   `"degraded"` (anything in between).
+/// - `state`: `"running"` (every namespace exists and the agent and the
+///   controller, where the lab has them, are alive), `"down"` (no namespace
+///   left and no process alive), or `"degraded"` (anything in between).
 /// - `namespaces`: one object per lab namespace, in the order p1, p2, switch,
-///   appliance, external:
+///   appliance, external, controller (the last only in a lab with a
+///   controller):
 ///   - `name`: the namespace (`al-p1`), usable with `ip netns exec` and
 ///     `nsenter --net=/run/netns/<name>`;
-///   - `role`: `"patient"`, `"switch"`, `"appliance"` or `"external"`;
+///   - `role`: `"patient"`, `"switch"`, `"appliance"`, `"external"` or
+///     `"controller"`;
 ///   - `exists`: whether `/run/netns/<name>` exists now;
 ///   - `interfaces`: its interfaces except `lo`, sorted by name, each with
 ///     `name`, `mac` (`"aa:bb:..."`), `up` (administratively up), `ipv4`
@@ -48,7 +51,17 @@ pub const STATUS_SCHEMA: u32 = 1;
 ///   each with `name` (`"p1"`, `"p2"`, `"appliance"`, `"ext"`), `namespace`,
 ///   `role`, `ipv4` and `ipv6` (plain addresses, from the address plan).
 /// - `services`: external services of the lab; empty for now.
-/// - `controller`: the lab's controller; `null` for now.
+/// - `controller`: `null` for a lab without a controller, else:
+///   - `namespace`: where it runs (`al-ctl`);
+///   - `url`: its main listener (API, web UI, enrollment),
+///     `"https://10.90.0.100:8443"`, reachable from inside `namespace` (and
+///     from the host over the host link that `lab up` adds, at 10.91.0.2);
+///   - `agent_url`: the mTLS listener agents stream bundles from;
+///   - `ca_fingerprint`: the CA agents pin (`"sha256:<hex>"`);
+///   - `pid`, `alive`: its process and whether it still runs;
+///   - `data_dir`: its data directory (store, key file, `ca.pem`, the
+///     harness's config, ready file and log);
+///   - `log`: its log (standard error; no secrets).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LabStatus {
     /// See the type docs.
@@ -65,8 +78,8 @@ pub struct LabStatus {
     pub hosts: Vec<HostStatus>,
     /// External services (filled by later work).
     pub services: Vec<serde_json::Value>,
-    /// The controller (filled by later work).
-    pub controller: Option<serde_json::Value>,
+    /// The controller, if the lab has one.
+    pub controller: Option<ControllerStatus>,
 }
 
 /// Overall lab state.
@@ -130,6 +143,27 @@ pub struct AgentStatus {
     pub pinned: bool,
 }
 
+/// The controller process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControllerStatus {
+    /// Its network namespace.
+    pub namespace: String,
+    /// The main listener's URL.
+    pub url: String,
+    /// The agent listener's URL.
+    pub agent_url: String,
+    /// The CA fingerprint agents pin.
+    pub ca_fingerprint: String,
+    /// Process id.
+    pub pid: u32,
+    /// Whether it runs.
+    pub alive: bool,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
 /// One addressed node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostStatus {
@@ -149,8 +183,23 @@ impl LabStatus {
     /// Looks at the lab `prefix` as it is now: which namespaces exist, their
     /// interfaces, and (given its record) whether the agent is alive.
     pub fn probe(prefix: &str, agent: Option<&AgentRecord>) -> Self {
+        Self::probe_with(prefix, agent, None)
+    }
+
+    /// [`LabStatus::probe`] with the controller's record. The controller
+    /// namespace is listed when the lab has a controller or the namespace exists.
+    pub fn probe_with(
+        prefix: &str,
+        agent: Option<&AgentRecord>,
+        controller: Option<&ControllerRecord>,
+    ) -> Self {
         let namespaces: Vec<NamespaceStatus> = Node::ALL
             .iter()
+            .filter(|&&node| {
+                node != Node::Controller
+                    || controller.is_some()
+                    || names::namespace_exists(&node.namespace(prefix))
+            })
             .map(|&node| {
                 let name = node.namespace(prefix);
                 let exists = names::namespace_exists(&name);
@@ -159,10 +208,13 @@ impl LabStatus {
             })
             .collect();
         let agent = agent.map(AgentRecord::status);
+        let controller = controller.map(ControllerRecord::status);
         let all = namespaces.iter().all(|n| n.exists);
         let none = namespaces.iter().all(|n| !n.exists);
-        let agent_ok = agent.as_ref().is_none_or(|a| a.alive);
-        let agent_dead = agent.as_ref().is_none_or(|a| !a.alive);
+        let agent_ok =
+            agent.as_ref().is_none_or(|a| a.alive) && controller.as_ref().is_none_or(|c| c.alive);
+        let agent_dead =
+            agent.as_ref().is_none_or(|a| !a.alive) && controller.as_ref().is_none_or(|c| !c.alive);
         let state = if all && agent_ok {
             LabState::Running
         } else if none && agent_dead {
@@ -178,7 +230,7 @@ impl LabStatus {
             agent,
             hosts: hosts(prefix),
             services: Vec::new(),
-            controller: None,
+            controller,
         }
     }
 
@@ -304,6 +356,20 @@ impl fmt::Display for LabStatus {
                 writeln!(f, "{}", line.trim_end())?;
             }
         }
+        match &self.controller {
+            None => writeln!(f, "controller: none")?,
+            Some(c) => writeln!(
+                f,
+                "controller: pid {} {} in {}; {} (agents: {}); CA {}; log {}",
+                c.pid,
+                if c.alive { "running" } else { "NOT RUNNING" },
+                c.namespace,
+                c.url,
+                c.agent_url,
+                c.ca_fingerprint,
+                c.log.display()
+            )?,
+        }
         match &self.agent {
             None => writeln!(f, "agent: none"),
             Some(a) => writeln!(
@@ -354,7 +420,16 @@ mod tests {
             }),
             hosts: hosts("al")[..1].to_vec(),
             services: vec![],
-            controller: None,
+            controller: Some(ControllerStatus {
+                namespace: "al-ctl".into(),
+                url: "https://10.90.0.100:8443".into(),
+                agent_url: "https://10.90.0.100:8444".into(),
+                ca_fingerprint: "sha256:00ff".into(),
+                pid: 43,
+                alive: true,
+                data_dir: "/run/airlock-lab/al/controller".into(),
+                log: "/run/airlock-lab/al/controller/controller.log".into(),
+            }),
         }
     }
 
@@ -395,13 +470,30 @@ mod tests {
                 "ipv6": ["fd00:a1:77::11"]
             }],
             "services": [],
-            "controller": null
+            "controller": {
+                "namespace": "al-ctl",
+                "url": "https://10.90.0.100:8443",
+                "agent_url": "https://10.90.0.100:8444",
+                "ca_fingerprint": "sha256:00ff",
+                "pid": 43,
+                "alive": true,
+                "data_dir": "/run/airlock-lab/al/controller",
+                "log": "/run/airlock-lab/al/controller/controller.log"
+            }
         });
         assert_eq!(v, expected);
         // Field order is part of the contract for humans reading it.
         let text = sample().to_json();
-        let order =
-            ["\"schema\"", "\"lab\"", "\"state\"", "\"namespaces\"", "\"agent\"", "\"hosts\""];
+        let order = [
+            "\"schema\"",
+            "\"lab\"",
+            "\"state\"",
+            "\"namespaces\"",
+            "\"agent\"",
+            "\"hosts\"",
+            "\"services\"",
+            "\"controller\"",
+        ];
         let pos: Vec<usize> = order.iter().map(|k| text.find(k).expect(k)).collect();
         assert!(pos.windows(2).all(|w| w[0] < w[1]), "{text}");
         let back: LabStatus = serde_json::from_str(&text).expect("round trip");

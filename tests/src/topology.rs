@@ -3,10 +3,28 @@
 //! ```text
 //!  <p>-p1 eth0 ──┐
 //!                ├─ <p>-psw: br0 (p1, p2, app) ── app ═ patient0 ─ <p>-app ─ uplink0 ═ eth0 <p>-ext
-//!  <p>-p2 eth0 ──┘                                      (appliance: XDP on both ports)
+//!  <p>-p2 eth0 ──┘                                      (appliance)  │
+//!                                                                 mgmt0          (with a controller)
+//!                                                                    ║
+//!                                                      eth0 <p>-ctl: airlock-controller
+//!                                                      host0 ═ <p>-hctl in the host (lab up only)
 //! ```
 //! Patient side 10.77.0.0/24 and fd00:a1:77::/64, uplink side 10.78.0.0/24 and
 //! fd00:a1:78::/64 (see [`addr`]). Hosts route everything via the appliance.
+//!
+//! With a controller ([`TopologyOptions::controller`]) a sixth namespace
+//! `<p>-ctl` holds it, cabled to the appliance's management port `mgmt0`
+//! (10.90.0.0/24, fd00:a1:90::/64). The management network sits on the
+//! hospital side, so the agent configures `mgmt0` as a port with role
+//! `uplink`: XDP guards it like any port, nothing is forwarded to or from it
+//! without an entry, and the agent adds the entries for its own controller
+//! connections itself. (A dedicated `management` port role would say this
+//! more precisely; until the agent has one, `uplink` is the closed choice.)
+//! The controller has no route beyond its link: it cannot reach the patient
+//! network or the uplink. [`TopologyOptions::host_link`] adds a veth from the
+//! host (`<p>-hctl`, 10.91.0.1/30) to `host0` (10.91.0.2/30) in `<p>-ctl`, so
+//! a browser on the host reaches the controller; only for the interactive
+//! lab, because concurrent labs would clash on that address.
 //!
 //! Fail-closed build order: the appliance namespace is created first and its
 //! IPv4 and IPv6 forwarding are switched off (and checked) before it has any
@@ -43,12 +61,34 @@ pub mod addr {
     pub const EXT_V4: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 100);
     /// The external host.
     pub const EXT_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xa1, 0x78, 0, 0, 0, 0, 0x100);
+    /// The appliance on the management network.
+    pub const APPLIANCE_MGMT_V4: Ipv4Addr = Ipv4Addr::new(10, 90, 0, 1);
+    /// The appliance on the management network.
+    pub const APPLIANCE_MGMT_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xa1, 0x90, 0, 0, 0, 0, 1);
+    /// The controller.
+    pub const CONTROLLER_V4: Ipv4Addr = Ipv4Addr::new(10, 90, 0, 100);
+    /// The controller.
+    pub const CONTROLLER_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xa1, 0x90, 0, 0, 0, 0, 0x100);
+    /// The host's end of the host link (interactive lab only).
+    pub const HOST_LINK_HOST_V4: Ipv4Addr = Ipv4Addr::new(10, 91, 0, 1);
+    /// The controller's end of the host link (interactive lab only).
+    pub const HOST_LINK_CONTROLLER_V4: Ipv4Addr = Ipv4Addr::new(10, 91, 0, 2);
+    /// Prefix length of the host link.
+    pub const HOST_LINK_PREFIX_LEN: u8 = 30;
+    /// The controller's main (API, UI, enrollment) port.
+    pub const CONTROLLER_PORT: u16 = 8443;
+    /// The controller's agent (mTLS bundle stream) port.
+    pub const CONTROLLER_AGENT_PORT: u16 = 8444;
 }
 
 /// The appliance's patient-facing port.
 pub const PATIENT_PORT: &str = "patient0";
 /// The appliance's uplink port.
 pub const UPLINK_PORT: &str = "uplink0";
+/// The appliance's management port (towards the controller).
+pub const MGMT_PORT: &str = "mgmt0";
+/// The controller's end of the host link.
+pub const HOST_LINK_IF: &str = "host0";
 /// Every host's interface.
 pub const HOST_IF: &str = "eth0";
 /// The patient switch's bridge.
@@ -67,6 +107,8 @@ pub enum Node {
     Appliance,
     /// The external host beyond the uplink.
     External,
+    /// The controller on the management network (labs with a controller).
+    Controller,
 }
 
 /// What a namespace plays in the lab.
@@ -81,11 +123,14 @@ pub enum Role {
     Appliance,
     /// A host beyond the uplink.
     External,
+    /// The controller.
+    Controller,
 }
 
 impl Node {
-    /// Every node, in status order.
-    pub const ALL: [Node; 5] = [Node::P1, Node::P2, Node::Switch, Node::Appliance, Node::External];
+    /// Every node, in status order (the controller only exists in labs with one).
+    pub const ALL: [Node; 6] =
+        [Node::P1, Node::P2, Node::Switch, Node::Appliance, Node::External, Node::Controller];
 
     /// The namespace suffix (`<prefix>-<suffix>`).
     pub fn suffix(self) -> &'static str {
@@ -95,6 +140,7 @@ impl Node {
             Node::Switch => "psw",
             Node::Appliance => "app",
             Node::External => "ext",
+            Node::Controller => "ctl",
         }
     }
 
@@ -105,6 +151,7 @@ impl Node {
             Node::Switch => Role::Switch,
             Node::Appliance => Role::Appliance,
             Node::External => Role::External,
+            Node::Controller => Role::Controller,
         }
     }
 
@@ -127,8 +174,11 @@ impl Node {
                 (PATIENT_PORT, v6(APPLIANCE_PATIENT_V6)),
                 (UPLINK_PORT, v4(APPLIANCE_UPLINK_V4)),
                 (UPLINK_PORT, v6(APPLIANCE_UPLINK_V6)),
+                (MGMT_PORT, v4(APPLIANCE_MGMT_V4)),
+                (MGMT_PORT, v6(APPLIANCE_MGMT_V6)),
             ],
             Node::External => vec![(HOST_IF, v4(EXT_V4)), (HOST_IF, v6(EXT_V6))],
+            Node::Controller => vec![(HOST_IF, v4(CONTROLLER_V4)), (HOST_IF, v6(CONTROLLER_V6))],
         }
     }
 
@@ -142,7 +192,8 @@ impl Node {
             Node::External => {
                 Some((APPLIANCE_UPLINK_V4.to_string(), APPLIANCE_UPLINK_V6.to_string()))
             }
-            Node::Switch | Node::Appliance => None,
+            // The controller reaches only its own link.
+            Node::Switch | Node::Appliance | Node::Controller => None,
         }
     }
 }
@@ -151,12 +202,23 @@ impl Node {
 type End = (Node, &'static str);
 
 /// The cables.
-const LINKS: [(End, End); 4] = [
+const LINKS: [(End, End); 5] = [
     ((Node::P1, HOST_IF), (Node::Switch, "p1")),
     ((Node::P2, HOST_IF), (Node::Switch, "p2")),
     ((Node::Appliance, PATIENT_PORT), (Node::Switch, "app")),
     ((Node::Appliance, UPLINK_PORT), (Node::External, HOST_IF)),
+    ((Node::Appliance, MGMT_PORT), (Node::Controller, HOST_IF)),
 ];
+
+/// What to build besides the five namespaces every lab has.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TopologyOptions {
+    /// The controller namespace `<p>-ctl` and the appliance's `mgmt0`.
+    pub controller: bool,
+    /// The host link `<p>-hctl` ↔ `host0` in `<p>-ctl` (needs `controller`;
+    /// interactive lab only: its addresses are fixed).
+    pub host_link: bool,
+}
 
 /// The lab's namespaces and cables. Dropping it deletes every namespace (the
 /// veths die with them). Stop the agent first (see [`crate::Lab`]).
@@ -169,12 +231,44 @@ pub struct Topology {
     switch: NetNs,
     appliance: NetNs,
     external: NetNs,
+    controller: Option<NetNs>,
+    host_link: Option<HostLink>,
+}
+
+/// The host end of the host link, deleted on drop (the kernel would remove
+/// it with the controller namespace, but asynchronously).
+#[derive(Debug)]
+struct HostLink {
+    name: String,
+    owned: bool,
+}
+
+impl Drop for HostLink {
+    fn drop(&mut self) {
+        if self.owned {
+            delete_host_link(&self.name);
+        }
+    }
+}
+
+/// `ip link del NAME` if it exists.
+fn delete_host_link(name: &str) {
+    if std::path::Path::new("/sys/class/net").join(name).exists() {
+        if let Err(e) = cmd::ip(&["link", "del", name]) {
+            eprintln!("airlock-testbed: cannot delete {name}: {e}");
+        }
+    }
 }
 
 impl Topology {
-    /// Builds the lab `prefix`. Fails if any namespace of that lab exists.
-    /// On failure, everything built so far is removed again.
+    /// Builds the lab `prefix` without a controller. Fails if any namespace
+    /// of that lab exists. On failure, everything built so far is removed again.
     pub fn build(prefix: &str) -> Result<Self> {
+        Self::build_with(prefix, TopologyOptions::default())
+    }
+
+    /// Builds the lab `prefix` as `opts` says (see [`Topology::build`]).
+    pub fn build_with(prefix: &str, opts: TopologyOptions) -> Result<Self> {
         names::validate_prefix(prefix)?;
         if let Some(existing) = names::lab_namespaces(prefix).into_iter().next() {
             return Err(Error::NamespaceExists(existing));
@@ -182,20 +276,73 @@ impl Topology {
         // The appliance first, closed before it has any interface.
         let appliance = NetNs::create(&Node::Appliance.namespace(prefix))?;
         close_appliance(&appliance)?;
-        let topo = Topology {
+        let mut topo = Topology {
             prefix: prefix.to_owned(),
             p1: host_ns(prefix, Node::P1)?,
             p2: host_ns(prefix, Node::P2)?,
             switch: host_ns(prefix, Node::Switch)?,
             appliance,
             external: host_ns(prefix, Node::External)?,
+            controller: if opts.controller {
+                Some(host_ns(prefix, Node::Controller)?)
+            } else {
+                None
+            },
+            host_link: None,
         };
         topo.wire()?;
+        if opts.controller && opts.host_link {
+            topo.host_link = Some(HostLink { name: Self::host_link_name(prefix), owned: true });
+            topo.wire_host_link()?;
+        }
         Ok(topo)
+    }
+
+    /// The host-side interface of the host link (`<prefix>-hctl`).
+    pub fn host_link_name(prefix: &str) -> String {
+        format!("{prefix}-hctl")
+    }
+
+    fn wire_host_link(&self) -> Result<()> {
+        use addr::*;
+        let host_if = Self::host_link_name(&self.prefix);
+        let ctl = Node::Controller.namespace(&self.prefix);
+        cmd::ip(&[
+            "link",
+            "add",
+            &host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            HOST_LINK_IF,
+            "netns",
+            &ctl,
+        ])?;
+        let len = HOST_LINK_PREFIX_LEN;
+        cmd::ip(&["addr", "add", &format!("{HOST_LINK_HOST_V4}/{len}"), "dev", &host_if])?;
+        cmd::ip(&["link", "set", &host_if, "up"])?;
+        let ns = NetNs::existing(&ctl);
+        ns.ip(&["addr", "add", &format!("{HOST_LINK_CONTROLLER_V4}/{len}"), "dev", HOST_LINK_IF])?;
+        ns.ip(&["link", "set", HOST_LINK_IF, "up"])?;
+        Ok(())
+    }
+
+    /// Whether the lab has a controller namespace.
+    pub fn has_controller(&self) -> bool {
+        self.controller.is_some()
+    }
+
+    /// Whether the lab has the host link.
+    pub fn has_host_link(&self) -> bool {
+        self.host_link.is_some()
     }
 
     fn wire(&self) -> Result<()> {
         for ((a, a_if), (b, b_if)) in LINKS {
+            if self.ns(a).is_none() || self.ns(b).is_none() {
+                continue;
+            }
             let (a_ns, b_ns) = (a.namespace(&self.prefix), b.namespace(&self.prefix));
             cmd::ip(&[
                 "link", "add", a_if, "netns", &a_ns, "type", "veth", "peer", "name", b_if, "netns",
@@ -222,12 +369,18 @@ impl Topology {
         for port in ["p1", "p2", "app"] {
             sw.exec("ethtool", &["-K", port, "txvlan", "off", "tx-vlan-stag-hw-insert", "off"])?;
         }
-        for node in [Node::P1, Node::P2, Node::Appliance, Node::External] {
-            let ns = self.ns(node);
-            for (ifname, address) in node.addresses() {
-                ns.ip(&["addr", "add", &address, "dev", ifname, "nodad"])?;
+        for node in [Node::P1, Node::P2, Node::Appliance, Node::External, Node::Controller] {
+            let Some(ns) = self.ns(node) else { continue };
+            // mgmt0 exists only with a controller.
+            let addresses: Vec<(&str, String)> = node
+                .addresses()
+                .into_iter()
+                .filter(|(i, _)| *i != MGMT_PORT || self.controller.is_some())
+                .collect();
+            for (ifname, address) in &addresses {
+                ns.ip(&["addr", "add", address, "dev", ifname, "nodad"])?;
             }
-            let mut ifs: Vec<&str> = node.addresses().into_iter().map(|(i, _)| i).collect();
+            let mut ifs: Vec<&str> = addresses.iter().map(|(i, _)| *i).collect();
             ifs.dedup();
             for ifname in ifs {
                 ns.ip(&["link", "set", ifname, "up"])?;
@@ -245,15 +398,21 @@ impl Topology {
         &self.prefix
     }
 
-    /// The namespace of `node`.
-    pub fn ns(&self, node: Node) -> &NetNs {
+    /// The namespace of `node` (`None`: the controller of a lab without one).
+    pub fn ns(&self, node: Node) -> Option<&NetNs> {
         match node {
-            Node::P1 => &self.p1,
-            Node::P2 => &self.p2,
-            Node::Switch => &self.switch,
-            Node::Appliance => &self.appliance,
-            Node::External => &self.external,
+            Node::P1 => Some(&self.p1),
+            Node::P2 => Some(&self.p2),
+            Node::Switch => Some(&self.switch),
+            Node::Appliance => Some(&self.appliance),
+            Node::External => Some(&self.external),
+            Node::Controller => self.controller.as_ref(),
         }
+    }
+
+    /// The controller's namespace, in a lab with a controller.
+    pub fn controller(&self) -> Option<&NetNs> {
+        self.controller.as_ref()
     }
 
     /// Patient host 1.
@@ -289,18 +448,22 @@ impl Topology {
     /// Keeps every namespace after this value is dropped (`lab up --detach`);
     /// [`Topology::destroy_by_prefix`] removes them later. Returns the prefix.
     pub fn into_detached(self) -> String {
-        let Topology { prefix, p1, p2, switch, appliance, external } = self;
-        for ns in [p1, p2, switch, appliance, external] {
+        let Topology { prefix, p1, p2, switch, appliance, external, controller, host_link } = self;
+        for ns in [p1, p2, switch, appliance, external].into_iter().chain(controller) {
             ns.into_detached();
+        }
+        if let Some(mut link) = host_link {
+            link.owned = false;
         }
         prefix
     }
 
     /// Deletes every namespace of the lab `prefix` (`<prefix>-*`), leftovers
-    /// included; returns the names deleted. Tries all before reporting the
-    /// first failure.
+    /// included, and its host link; returns the namespaces deleted. Tries all
+    /// before reporting the first failure.
     pub fn destroy_by_prefix(prefix: &str) -> Result<Vec<String>> {
         names::validate_prefix(prefix)?;
+        delete_host_link(&Self::host_link_name(prefix));
         let found = names::lab_namespaces(prefix);
         let mut first_err = None;
         for name in &found {
@@ -350,7 +513,10 @@ mod tests {
     #[test]
     fn namespace_names() {
         let got: Vec<String> = Node::ALL.iter().map(|n| n.namespace("t3f9a")).collect();
-        assert_eq!(got, ["t3f9a-p1", "t3f9a-p2", "t3f9a-psw", "t3f9a-app", "t3f9a-ext"]);
+        assert_eq!(
+            got,
+            ["t3f9a-p1", "t3f9a-p2", "t3f9a-psw", "t3f9a-app", "t3f9a-ext", "t3f9a-ctl"]
+        );
     }
 
     #[test]
@@ -362,8 +528,15 @@ mod tests {
                 ("patient0", "fd00:a1:77::1/64".to_owned()),
                 ("uplink0", "10.78.0.1/24".to_owned()),
                 ("uplink0", "fd00:a1:78::1/64".to_owned()),
+                ("mgmt0", "10.90.0.1/24".to_owned()),
+                ("mgmt0", "fd00:a1:90::1/64".to_owned()),
             ]
         );
+        assert_eq!(
+            Node::Controller.addresses(),
+            [("eth0", "10.90.0.100/24".to_owned()), ("eth0", "fd00:a1:90::100/64".to_owned())]
+        );
+        assert_eq!(Node::Controller.gateways(), None);
         assert_eq!(Node::P2.addresses()[1].1, "fd00:a1:77::12/64");
         assert_eq!(Node::External.addresses()[0].1, "10.78.0.100/24");
         assert_eq!(Node::External.addresses()[1].1, "fd00:a1:78::100/64");
@@ -375,5 +548,7 @@ mod tests {
         for ((_, a), (_, b)) in LINKS {
             assert!(a.len() <= 15 && b.len() <= 15);
         }
+        let longest = "a".repeat(names::MAX_PREFIX_LEN);
+        assert!(Topology::host_link_name(&longest).len() <= 15);
     }
 }

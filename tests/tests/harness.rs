@@ -228,3 +228,62 @@ fn agent_start_failure_shows_the_log() {
     let err = airlock_testbed::Agent::start(opts).expect_err("missing binary");
     assert!(matches!(err, airlock_testbed::Error::AgentBinaryMissing { .. }), "{err}");
 }
+
+#[test]
+fn controller_topology_adds_the_management_network_only() {
+    let prefix = unique_prefix();
+    let opts = airlock_testbed::TopologyOptions { controller: true, host_link: false };
+    let topo = Topology::build_with(&prefix, opts).expect("build topology with a controller");
+    let ctl = topo.controller().expect("controller namespace");
+    assert_eq!(ctl.name(), Node::Controller.namespace(&prefix));
+    assert_eq!(names::lab_namespaces(&prefix).len(), 6);
+
+    // The controller reaches the appliance's management address (both
+    // families), and nothing beyond it: it has no route.
+    let app = topo.appliance();
+    for ip in [IpAddr::V4(addr::APPLIANCE_MGMT_V4), IpAddr::V6(addr::APPLIANCE_MGMT_V6)] {
+        let listener = listen(app, ip);
+        let to = listener.local_addr().expect("local addr");
+        let server = serve_once(listener);
+        assert_eq!(ping_pong(ctl, to, CONNECT_TIMEOUT).expect("ctl -> appliance"), "pong\n");
+        let peer = server.join().expect("server thread").expect("accept");
+        assert!(peer.ip() == IpAddr::from(addr::CONTROLLER_V4) || peer.ip() == addr::CONTROLLER_V6);
+    }
+    let to = SocketAddr::new(addr::P1_V4.into(), 443);
+    let err = ping_pong(ctl, to, BLOCKED_TIMEOUT).expect_err("no route to the patient side");
+    assert_eq!(err.kind(), std::io::ErrorKind::NetworkUnreachable, "{err}");
+    assert_eq!(app.read_sysctl("net.ipv4.ip_forward").expect("sysctl"), "0");
+
+    let status = topo.status();
+    assert_eq!(status.state, LabState::Running);
+    let last = status.namespaces.last().expect("namespaces");
+    assert_eq!((last.name.as_str(), last.role), (ctl.name(), airlock_testbed::Role::Controller));
+    let app_status = status.namespaces.iter().find(|n| n.name == app.name()).expect("appliance");
+    let ifs: Vec<&str> = app_status.interfaces.iter().map(|i| i.name.as_str()).collect();
+    assert_eq!(ifs, ["mgmt0", "patient0", "uplink0"]);
+
+    // The agent accepts the configuration the lab writes for a managed appliance.
+    let dir = std::env::temp_dir().join(format!("airlock-testbed-{prefix}-cfg"));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let config = airlock_testbed::AgentConfig::for_lab(&prefix).with_controller(
+        airlock_testbed::ControllerSection {
+            url: "https://10.90.0.100:8443".into(),
+            ca_fingerprint: format!("sha256:{}", "ab".repeat(32)),
+            enrollment_token_file: Some(dir.join("enrollment-token")),
+            report_interval_secs: 2,
+        },
+    );
+    let path = dir.join("agent.toml");
+    std::fs::write(&path, config.render()).expect("write config");
+    let bin = airlock_testbed::agent_bin().expect("agent binary");
+    let out = std::process::Command::new(bin)
+        .args(["--config", &path.to_string_lossy(), "config", "check"])
+        .output()
+        .expect("run the agent");
+    std::fs::remove_dir_all(&dir).expect("rm");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let kept = topo.into_detached();
+    assert_eq!(Topology::destroy_by_prefix(&kept).expect("destroy").len(), 6);
+    assert!(names::lab_namespaces(&kept).is_empty());
+}

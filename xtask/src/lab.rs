@@ -1,9 +1,11 @@
 //! `cargo xtask lab up|status|down`.
 //!
 //! State lives in `/run/airlock-lab/<prefix>/`: `lab.json` (what teardown
-//! needs: the agent's pid, config and pins, and who runs the lab),
-//! `status.json` (the [`LabStatus`] at start) and `agent/` (the agent's
-//! config, ready file and log).
+//! needs: the agent's and the controller's pids, configs and pins, and who
+//! runs the lab), `status.json` (the [`LabStatus`] at start), `agent/` (the
+//! agent's config, ready file and log) and `controller/` (the controller's
+//! data directory: store, key file, `ca.pem`, log, and `controller.out`, 0600,
+//! which holds the first start's bootstrap credential).
 
 use std::{
     path::{Path, PathBuf},
@@ -12,7 +14,8 @@ use std::{
 };
 
 use airlock_testbed::{
-    names, AgentRecord, Lab, LabOptions, LabStatus, Topology, BPFFS, HOST_IF, PATIENT_PORT,
+    addr, names, AgentRecord, ControllerRecord, Lab, LabOptions, LabStatus, Topology, BPFFS,
+    HOST_IF, LAB_APPLIANCE, MGMT_PORT, PATIENT_PORT,
 };
 use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
@@ -32,13 +35,22 @@ struct LabRecord {
     /// Started with --detach (nobody tears it down but `lab down`).
     detached: bool,
     agent: AgentRecord,
+    /// The controller (absent: a lab started with --no-controller).
+    #[serde(default)]
+    controller: Option<ControllerRecord>,
+}
+
+impl LabRecord {
+    fn status(&self) -> LabStatus {
+        LabStatus::probe_with(&self.prefix, Some(&self.agent), self.controller.as_ref())
+    }
 }
 
 /// The status of lab `prefix` when it runs completely (all namespaces, the
-/// agent alive), so that `lab up` can say so instead of failing.
+/// agent and controller alive), so that `lab up` can say so instead of failing.
 fn healthy_lab(prefix: &str) -> Option<LabStatus> {
     let record = read_record(prefix).ok()??;
-    let status = LabStatus::probe(prefix, Some(&record.agent));
+    let status = record.status();
     (status.state == airlock_testbed::LabState::Running && record.agent.is_alive())
         .then_some(status)
 }
@@ -63,7 +75,7 @@ fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
     std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))
 }
 
-pub fn up(prefix: &str, detach: bool, policy: Option<&Path>) -> Result<()> {
+pub fn up(prefix: &str, detach: bool, policy: Option<&Path>, controller: bool) -> Result<()> {
     names::validate_prefix(prefix)?;
     let existing = names::lab_namespaces(prefix);
     if let Some(status) = healthy_lab(prefix) {
@@ -87,11 +99,11 @@ pub fn up(prefix: &str, detach: bool, policy: Option<&Path>) -> Result<()> {
     install_signal_handlers()?;
     crate::setup::run()?;
     bail_if_interrupted()?;
-    let bin = build_agent()?;
+    let bins = build(controller)?;
     bail_if_interrupted()?;
     let dir = state_dir(prefix);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let result = start(prefix, &bin, &dir, detach, policy);
+    let result = start(prefix, &bins, &dir, detach, policy);
     if result.is_err() || !detach {
         if let Err(e) = std::fs::remove_dir_all(&dir) {
             eprintln!("warning: removing {}: {e}", dir.display());
@@ -100,19 +112,73 @@ pub fn up(prefix: &str, detach: bool, policy: Option<&Path>) -> Result<()> {
     result
 }
 
-fn build_agent() -> Result<PathBuf> {
-    let step = Step::start("building the agent (cargo build -p airlock-agent)");
-    step::run(step::cargo().args(["build", "-p", "airlock-agent"]))?;
-    step.ok();
-    Ok(airlock_testbed::target_dir().join("debug").join("airlock-agent"))
+/// The binaries `lab up` runs.
+struct Bins {
+    agent: PathBuf,
+    /// `None`: --no-controller.
+    controller: Option<PathBuf>,
 }
 
-fn start(prefix: &str, bin: &Path, dir: &Path, detach: bool, policy: Option<&Path>) -> Result<()> {
-    let step = Step::start(format!("building lab '{prefix}' and starting the agent"));
+fn build(controller: bool) -> Result<Bins> {
+    let mut args = vec!["build", "-p", "airlock-agent"];
+    if controller {
+        args.extend(["-p", "airlock-controller"]);
+    }
+    let step = Step::start(format!("building (cargo {})", args.join(" ")));
+    step::run(step::cargo().args(&args))?;
+    step.ok();
+    let debug = airlock_testbed::target_dir().join("debug");
+    Ok(Bins {
+        agent: debug.join("airlock-agent"),
+        controller: controller.then(|| debug.join("airlock-controller")),
+    })
+}
+
+/// Whether the host link's host address is free (another interactive lab
+/// may hold it).
+fn host_link_free() -> bool {
+    let out = std::process::Command::new("ip").args(["-o", "-4", "addr", "show"]).output();
+    out.is_ok_and(|o| {
+        let want = format!(" {}/", addr::HOST_LINK_HOST_V4);
+        o.status.success() && !String::from_utf8_lossy(&o.stdout).contains(&want)
+    })
+}
+
+fn start(prefix: &str, bins: &Bins, dir: &Path, detach: bool, policy: Option<&Path>) -> Result<()> {
+    let managed = bins.controller.is_some();
+    let host_link = managed && host_link_free();
+    if managed && !host_link {
+        println!(
+            "note: {} is in use on this host (another lab?): the controller is reachable \
+             only from inside its namespace",
+            addr::HOST_LINK_HOST_V4
+        );
+    }
+    let what = match (managed, policy) {
+        (true, Some(p)) => format!(
+            "building lab '{prefix}', starting the controller, applying {} through its API, \
+             starting the agent (it enrolls itself)",
+            p.display()
+        ),
+        (true, None) => format!(
+            "building lab '{prefix}', starting the controller and the agent (it enrolls itself)"
+        ),
+        (false, Some(p)) => {
+            format!("building lab '{prefix}', starting the agent, applying {}", p.display())
+        }
+        (false, None) => format!("building lab '{prefix}' and starting the agent"),
+    };
+    let step = Step::start(what);
     let lab = Lab::start_with(LabOptions {
         state_dir: Some(dir.join("agent")),
-        agent_bin: Some(bin.to_owned()),
+        agent_bin: Some(bins.agent.clone()),
         die_with_parent: !detach,
+        policy: policy.map(Path::to_owned),
+        controller: managed,
+        controller_dir: Some(dir.join("controller")),
+        controller_bin: bins.controller.clone(),
+        host_link,
+        report_interval_secs: 5,
         ..LabOptions::new(prefix)
     })?;
     let record = LabRecord {
@@ -120,18 +186,17 @@ fn start(prefix: &str, bin: &Path, dir: &Path, detach: bool, policy: Option<&Pat
         xtask_pid: std::process::id(),
         detached: detach,
         agent: lab.agent().record().clone(),
+        controller: lab.controller().map(|c| c.record().clone()),
     };
     write_json(&dir.join("lab.json"), &record)?;
     let status = lab.status();
     write_json(&dir.join("status.json"), &status)?;
-    step.ok_with("enforcing");
-    if let Some(p) = policy {
-        let step = Step::start(format!("applying {} to both layers", p.display()));
-        let out =
-            lab.agent().apply_policy(p).with_context(|| format!("applying {}", p.display()))?;
-        step.ok_with(out.trim());
+    step.ok_with(if managed { "enrolled and enforcing" } else { "enforcing" });
+    print_summary(&status, &record.agent, policy);
+    if let Some(c) = lab.controller() {
+        print_controller(c, prefix, host_link, policy);
     }
-    print_summary(&status, &record.agent, detach, policy);
+    print_footer(&status, detach);
     if detach {
         lab.into_detached();
         return Ok(());
@@ -149,6 +214,7 @@ fn watch(lab: &Lab) -> Result<()> {
     let start = Instant::now();
     let mut next = start + STATS_EVERY;
     let record = lab.agent().record();
+    let controller = lab.controller().map(|c| c.record());
     loop {
         if INTERRUPTED.load(Ordering::SeqCst) {
             println!();
@@ -156,6 +222,9 @@ fn watch(lab: &Lab) -> Result<()> {
         }
         if !record.is_alive() {
             bail!("the agent exited; log tail:\n{}", record.log_tail(20));
+        }
+        if let Some(c) = controller.filter(|c| !c.is_alive()) {
+            bail!("the controller exited; log tail:\n{}", c.log_tail(20));
         }
         if Instant::now() >= next {
             next += STATS_EVERY;
@@ -169,7 +238,8 @@ fn watch(lab: &Lab) -> Result<()> {
     }
 }
 
-fn print_summary(status: &LabStatus, agent: &AgentRecord, detach: bool, policy: Option<&Path>) {
+fn print_summary(status: &LabStatus, agent: &AgentRecord, policy: Option<&Path>) {
+    let managed = status.controller.is_some();
     let nsenter = format!(
         "nsenter --net=/run/netns/{} {} --config {}",
         agent.netns,
@@ -178,6 +248,12 @@ fn print_summary(status: &LabStatus, agent: &AgentRecord, detach: bool, policy: 
     );
     println!();
     match policy {
+        Some(p) if managed => println!(
+            "lab '{}' is up; the appliance enrolled with the controller and enforces its policy \
+             ({}) on both layers (eBPF and nftables), everything else is dropped",
+            status.lab,
+            p.display()
+        ),
         Some(p) => println!(
             "lab '{}' is up; the appliance enforces {} on both layers (eBPF and nftables), \
              everything else is dropped",
@@ -201,7 +277,14 @@ fn print_summary(status: &LabStatus, agent: &AgentRecord, detach: bool, policy: 
             .collect();
         println!("  {:<10} {:<12} {role:<10} {}", h.name, h.namespace, addrs.join(" "));
     }
-    println!("  appliance ports: {PATIENT_PORT} (patient side), uplink0 (uplink side)");
+    if managed {
+        println!(
+            "  appliance ports: {PATIENT_PORT} (patient side), uplink0 (uplink side), \
+             {MGMT_PORT} (management network, to the controller; guarded as uplink side)"
+        );
+    } else {
+        println!("  appliance ports: {PATIENT_PORT} (patient side), uplink0 (uplink side)");
+    }
     println!(
         "  agent: pid {}, log {}, pins {}",
         agent.pid,
@@ -211,20 +294,87 @@ fn print_summary(status: &LabStatus, agent: &AgentRecord, detach: bool, policy: 
     println!();
     println!("  run on a host:  ip netns exec {}-p1 ping -c1 10.78.0.100", status.lab);
     match policy {
-        Some(p) => {
-            println!(
-                "  try the flow:   ip netns exec {0}-ext python3 -m http.server 443 --bind 10.78.0.100 &\n                  \
-                 ip netns exec {0}-p1 curl http://10.78.0.100:443/   (p1 passes; {0}-p2 does not)",
-                status.lab
-            );
-            println!("  change policy:  {nsenter} policy diff {0} NEW.toml, then: policy apply NEW.toml --appliance lab-appliance", p.display());
-        }
+        Some(_) => println!(
+            "  try the flow:   ip netns exec {0}-ext python3 -m http.server 443 --bind 10.78.0.100 &\n                  \
+             ip netns exec {0}-p1 curl http://10.78.0.100:443/   (p1 passes; {0}-p2 does not)",
+            status.lab
+        ),
+        None if managed => {}
         None => println!(
             "  allow a flow:   {nsenter} flow add --src 10.77.0.11 --dst 10.78.0.100 \
              --proto tcp --dport 443 --rule-id 1 --ttl 5m"
         ),
     }
+    match policy {
+        Some(p) if !managed => println!(
+            "  change policy:  {nsenter} policy diff {0} NEW.toml, then: policy apply NEW.toml \
+             --appliance {LAB_APPLIANCE}",
+            p.display()
+        ),
+        _ => {}
+    }
     println!("  counters:       {nsenter} stats");
+    if managed {
+        println!("  sync state:     {nsenter} controller status");
+    }
+}
+
+/// The controller's part of the summary: where it is, how to reach it and,
+/// on its first start, the bootstrap credential (shown once here).
+fn print_controller(
+    c: &airlock_testbed::Controller,
+    prefix: &str,
+    host_link: bool,
+    policy: Option<&Path>,
+) {
+    let r = c.record();
+    let ca = r.ca_pem.display();
+    let host_url = format!("https://{}:{}", addr::HOST_LINK_CONTROLLER_V4, addr::CONTROLLER_PORT);
+    println!();
+    println!(
+        "controller: {} (in namespace {}; agents stream from {})",
+        r.url, r.netns, r.agent_url
+    );
+    if host_link {
+        println!("  from this host: {host_url} (host link {})", Topology::host_link_name(prefix));
+    }
+    println!("  CA fingerprint: {}   (CA certificate: {ca})", r.ca_fingerprint);
+    if let Some(p) = c.bootstrap_password() {
+        println!(
+            "  bootstrap admin credential (shown once; there is no default password): \
+             user {}, password {}",
+            airlock_testbed::ADMIN_USER,
+            p.expose()
+        );
+        println!(
+            "    (the controller's own output with it: {}, mode 0600, removed by `lab down`)",
+            r.stdout.display()
+        );
+    }
+    let base = if host_link { host_url.as_str() } else { r.url.as_str() };
+    let curl = if host_link {
+        format!("curl --cacert {ca}")
+    } else {
+        format!("ip netns exec {} curl --cacert {ca}", r.netns)
+    };
+    println!("  UI / API:       {curl} {base}/");
+    if host_link {
+        println!("                  ip netns exec {} curl --cacert {ca} {}/", r.netns, r.url);
+    }
+    println!(
+        "  log in:         {curl} -H content-type:application/json \
+         -d '{{\"user\":\"admin\",\"password\":\"PASSWORD\"}}' {base}/api/v1/login   (-> token)"
+    );
+    println!("  appliance:      {curl} -H \"authorization: Bearer TOKEN\" {base}/api/v1/appliances/{LAB_APPLIANCE}");
+    let example = policy.map_or_else(|| "NEW.toml".to_owned(), |p| p.display().to_string());
+    println!(
+        "  change policy:  python3 -c 'import json,sys; print(json.dumps({{\"text\": open(sys.argv[1]).read()}}))' {example} \\\n                  \
+         | {curl} -H \"authorization: Bearer TOKEN\" -H content-type:application/json --data @- {base}/api/v1/policy"
+    );
+    println!("  controller log: {}", r.log.display());
+}
+
+fn print_footer(status: &LabStatus, detach: bool) {
     println!("  status:         cargo xtask lab status --prefix {} [--json]", status.lab);
     if detach {
         println!("  stop:           cargo xtask lab down --prefix {}", status.lab);
@@ -240,7 +390,10 @@ pub fn status(prefix: &str, json: bool) -> Result<()> {
     if record.is_none() && names::lab_namespaces(prefix).is_empty() {
         bail!("no lab '{prefix}' (start one with `cargo xtask lab up --prefix {prefix}`)");
     }
-    let status = LabStatus::probe(prefix, record.as_ref().map(|r| &r.agent));
+    let status = match &record {
+        Some(r) => r.status(),
+        None => LabStatus::probe(prefix, None),
+    };
     let text = if json {
         status.to_json() + "\n"
     } else {
@@ -280,6 +433,14 @@ pub fn down(prefix: &str) -> Result<()> {
             r.agent.teardown()?;
             step.ok();
             did_something = true;
+        }
+        if let Some(c) = &r.controller {
+            if c.is_alive() || c.data_dir.exists() {
+                let step = Step::start(format!("stopping the controller (pid {})", c.pid));
+                c.teardown()?;
+                step.ok();
+                did_something = true;
+            }
         }
     }
     let pins = Path::new(BPFFS).join(format!("airlock-{prefix}"));

@@ -43,24 +43,30 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum LabCommand {
-    /// Build the lab and start the agent. In the foreground it prints the
-    /// agent's counters every 5 s and tears everything down on Ctrl-C.
+    /// Build the lab, start the controller and the agent (which enrolls
+    /// itself and enforces the controller's policy). In the foreground it
+    /// prints the agent's counters every 5 s and tears everything down on Ctrl-C.
     Up {
         /// Return once the agent enforces; the lab keeps running until
         /// `cargo xtask lab down`.
         #[arg(long)]
         detach: bool,
-        /// Namespace prefix: namespaces are <prefix>-p1, -p2, -psw, -app, -ext.
+        /// Namespace prefix: namespaces are <prefix>-p1, -p2, -psw, -app, -ext, -ctl.
         #[arg(long, default_value = lab::DEFAULT_PREFIX)]
         prefix: String,
-        /// The policy the appliance enforces (both layers), default policies/lab.toml.
+        /// The policy the appliance enforces (both layers), default policies/lab.toml;
+        /// applied through the controller's API (locally with --no-controller).
         #[arg(long, conflicts_with = "no_policy")]
         policy: Option<std::path::PathBuf>,
-        /// Start with no policy: default deny, flows added by hand (`airlock-agent flow add`).
+        /// Start with no policy: default deny (with --no-controller, flows can be
+        /// added by hand with `airlock-agent flow add`).
         #[arg(long)]
         no_policy: bool,
+        /// No controller: the agent alone, policies applied from local files.
+        #[arg(long)]
+        no_controller: bool,
     },
-    /// Show the lab: namespaces, addresses, agent. Exit 1 if there is none.
+    /// Show the lab: namespaces, addresses, agent, controller. Exit 1 if there is none.
     Status {
         /// Print the stable JSON document (see airlock_testbed::LabStatus).
         #[arg(long)]
@@ -69,8 +75,8 @@ enum LabCommand {
         #[arg(long, default_value = lab::DEFAULT_PREFIX)]
         prefix: String,
     },
-    /// Stop the agent, detach the boundary, delete the namespaces and the
-    /// lab's state. Idempotent.
+    /// Stop the agent and the controller, detach the boundary, delete the
+    /// namespaces and the lab's state. Idempotent.
     Down {
         /// Namespace prefix.
         #[arg(long, default_value = lab::DEFAULT_PREFIX)]
@@ -83,12 +89,12 @@ fn main() -> ExitCode {
     step::ensure_cargo_bin_on_path();
     let result = match cli.command {
         Command::Setup => setup::run(),
-        Command::Lab(LabCommand::Up { detach, prefix, policy, no_policy }) => {
+        Command::Lab(LabCommand::Up { detach, prefix, policy, no_policy, no_controller }) => {
             let policy = (!no_policy).then(|| {
                 policy
                     .unwrap_or_else(|| airlock_testbed::workspace_root().join("policies/lab.toml"))
             });
-            lab::up(&prefix, detach, policy.as_deref())
+            lab::up(&prefix, detach, policy.as_deref(), !no_controller)
         }
         Command::Lab(LabCommand::Status { json, prefix }) => lab::status(&prefix, json),
         Command::Lab(LabCommand::Down { prefix }) => lab::down(&prefix),

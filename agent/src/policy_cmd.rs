@@ -217,8 +217,11 @@ pub fn apply_entries(
         // They cannot be named by flow; `detach` clears them.
         tracing::warn!(unreadable, "flow entries the agent cannot read back are left in the maps");
     }
+    // The agent's own way to its controller (eBPF only: the nftables table
+    // filters forwarded traffic, never the appliance's own).
+    let want = crate::controller::mgmt::with_management(entries, cfg);
     let (mut removed, mut upserted) = (0, 0);
-    for act in reconcile(entries, &observed, now.mono_ns) {
+    for act in reconcile(&want, &observed, now.mono_ns) {
         match act {
             Action::Remove(f) => {
                 maps.remove(&f)?;

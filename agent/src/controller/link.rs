@@ -307,7 +307,7 @@ fn apply(
     let previous = super::lkg::previous(cfg, now);
     let refused =
         |reason: String| airlock_proto::agent::Refusal { version: bundle.version, reason };
-    let (removed, upserted) = super::interim::apply_entries(
+    let (removed, upserted) = policy_cmd::apply_entries(
         &entries,
         bundle.policy_version,
         previous.as_ref().map(|(e, v)| (e.as_slice(), *v)),

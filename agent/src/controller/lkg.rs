@@ -76,7 +76,7 @@ pub fn restore(
         )?);
     }
     let (entries, policy_version) = desired_entries(lkg, &origin, now)?;
-    Ok(super::interim::apply_entries(&entries, policy_version, None, cfg, maps, now)?)
+    Ok(policy_cmd::apply_entries(&entries, policy_version, None, cfg, maps, now)?)
 }
 
 /// The previous state for an apply: what the store holds, if it still

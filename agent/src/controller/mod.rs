@@ -18,7 +18,6 @@
 
 pub mod client;
 pub mod identity;
-mod interim;
 pub mod link;
 pub mod lkg;
 pub mod mgmt;

@@ -121,8 +121,8 @@ fn bench(pin_dir: &std::path::Path) -> Result<()> {
     let input = nft::NftInput::new(1)
         .with_ports(Ingress::Patient, ["patient0"])?
         .with_ports(Ingress::Uplink, ["uplink0"])?;
-    println!("| flows | policy compile | nft compile + render | eBPF full apply | nftables full apply | one-flow change: eBPF | one-flow change: nftables over netlink, in force, median / p99 | the same incl. socket open and close, median / p99 | same change as `nft -f` element delta, median / p99 | same change as a full table replace |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| flows | policy compile | nft compile + render | eBPF full apply | nftables full apply | one-flow change: eBPF | one-flow change: nftables over netlink, in force, median / p99 | of which the element delta, median | the same incl. socket open and close, median / p99 | same change as `nft -f` element delta, median / p99 | same change as a full table replace |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for n in SIZES {
         let text = policy_text(n);
         let now = Now { unix_secs: 1_795_392_000, mono_ns: airlock_agent::clock::monotonic_ns() };
@@ -174,6 +174,10 @@ fn bench(pin_dir: &std::path::Path) -> Result<()> {
             Ok(nl.apply_delta(&d)?)
         })?;
         drop(nl);
+        // Of that, the element delta alone (pure: a merge over both rulesets).
+        let delta_only = time_changes(&old_rs, &new_rs, |from, to| {
+            nft_delta::element_delta(from, to).context("same shape").map(drop)
+        })?;
         // The same with a socket per change, as `policy apply` does: closing it
         // waits for the kernel to release the transaction.
         let per_socket = time_changes(&old_rs, &new_rs, |from, to| {
@@ -190,10 +194,11 @@ fn bench(pin_dir: &std::path::Path) -> Result<()> {
         let t = Instant::now();
         nftables::apply(&new_rs.to_string())?;
         let nft_replace_ms = ms(t);
-        let ((nl_med, nl_p99), (sock_med, sock_p99), (text_med, text_p99)) =
-            (median_p99(netlink), median_p99(per_socket), median_p99(text));
+        let ((nl_med, nl_p99), (delta_med, _)) = (median_p99(netlink), median_p99(delta_only));
+        let ((sock_med, sock_p99), (text_med, text_p99)) =
+            (median_p99(per_socket), median_p99(text));
         println!(
-            "| {n} | {compile_ms:.1} ms | {nft_compile_ms:.1} ms | {ebpf_ms:.1} ms | {nft_ms:.1} ms | {ebpf_one_ms:.2} ms | {nl_med:.2} / {nl_p99:.2} ms | {sock_med:.1} / {sock_p99:.1} ms | {text_med:.1} / {text_p99:.1} ms | {nft_replace_ms:.0} ms |"
+            "| {n} | {compile_ms:.1} ms | {nft_compile_ms:.1} ms | {ebpf_ms:.1} ms | {nft_ms:.1} ms | {ebpf_one_ms:.2} ms | {nl_med:.2} / {nl_p99:.2} ms | {delta_med:.2} ms | {sock_med:.1} / {sock_p99:.1} ms | {text_med:.1} / {text_p99:.1} ms | {nft_replace_ms:.0} ms |"
         );
     }
     Ok(())

@@ -304,6 +304,15 @@ fn appliances_are_created_listed_shown_and_revoked() {
     let all: Vec<ApplianceView> = serde_json::from_str(&o.stdout).unwrap();
     assert_eq!(all.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(), ["ward-1", "ward-2"]);
     assert_eq!(all[0].state, ApplianceState::Enrolled);
+    assert_eq!(all[0].desired_version, None, "no bundle signed for it yet");
+    // Each signed bundle raises the desired version the listing shows.
+    for _ in 0..2 {
+        let b = st.policies.bundle_for("ward-1", st.now()).unwrap();
+        let o = l.ctl(&["appliances", "list", "--json"]);
+        ok(&o);
+        let all: Vec<ApplianceView> = serde_json::from_str(&o.stdout).unwrap();
+        assert_eq!(all[0].desired_version, Some(b.version), "{o:?}");
+    }
 
     let o = l.ctl(&["appliances", "show", "ward-1"]);
     ok(&o);

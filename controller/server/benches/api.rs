@@ -15,7 +15,8 @@
 //! cargo bench -p airlock-controller --bench api
 //! # knobs: AIRLOCK_BENCH_SECS (10), AIRLOCK_BENCH_CONNECTIONS (64),
 //! #        AIRLOCK_BENCH_THREADS (2), AIRLOCK_BENCH_LOG (file | off),
-//! #        AIRLOCK_BENCH_APPLIANCES (10,1000)
+//! #        AIRLOCK_BENCH_APPLIANCES (10,1000),
+//! #        AIRLOCK_BENCH_ROUTES (appliances,ward-0001,healthz: path suffixes)
 //! ```
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
@@ -215,17 +216,30 @@ fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
     );
-    println!("| route | appliances | req/s | p50 | p99 | controller CPU | wrk CPU | body bytes |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "load average before: {}",
+        std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
+    );
+    println!(
+        "| route | appliances | req/s | p50 | p99 | controller CPU | wrk CPU | controller CPU/req | wrk CPU/req | 2-core capacity | body bytes |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let sizes: Vec<usize> = std::env::var("AIRLOCK_BENCH_APPLIANCES")
         .unwrap_or_else(|_| "10,1000".into())
         .split(',')
         .filter_map(|n| n.trim().parse().ok())
         .collect();
+    // Path suffixes to run (default: all).
+    let routes: Vec<String> = std::env::var("AIRLOCK_BENCH_ROUTES")
+        .unwrap_or_else(|_| "appliances,ward-0001,healthz".into())
+        .split(',')
+        .map(|r| r.trim().to_owned())
+        .collect();
     for n in sizes {
         enroll_up_to(&started, n);
         for path in ["/api/v1/appliances", "/api/v1/appliances/ward-0001", "/healthz"] {
-            if path == "/healthz" && n > 10 {
+            if (path == "/healthz" && n > 10) || !routes.iter().any(|r| path.ends_with(r.as_str()))
+            {
                 continue;
             }
             // Check the answer first: the route returns what it should.
@@ -240,13 +254,19 @@ fn main() {
             let r = wrk(&url, &script, secs, threads, conns);
             assert_eq!(r.non_2xx, 0, "{path}: every answer must be 200");
             let auth = if path == "/healthz" { " (no auth)" } else { "" };
+            // CPU per request is what the machine's other load does not change
+            // much; the capacity is what two otherwise idle cores would serve
+            // with wrk on them too.
+            let ctl_us = r.server_cpu / r.rps * 1e6;
+            let wrk_us = r.wrk_cpu / r.rps * 1e6;
             println!(
-                "| GET {path}{auth} | {n} | {:.0} | {} | {} | {:.0}% | {:.0}% | {} |{}",
+                "| GET {path}{auth} | {n} | {:.0} | {} | {} | {:.0}% | {:.0}% | {ctl_us:.0} µs | {wrk_us:.0} µs | {:.0} | {} |{}",
                 r.rps,
                 r.p50,
                 r.p99,
                 r.server_cpu * 100.0,
                 r.wrk_cpu * 100.0,
+                2e6 / (ctl_us + wrk_us),
                 body.len(),
                 if r.errors.is_empty() {
                     String::new()

@@ -351,7 +351,7 @@ fn publish_one(st: &AppState, id: &str, now: u64) -> Result<(), ApiErr> {
 
 fn view(st: &AppState, r: crate::appliances::ApplianceRecord) -> ApplianceView {
     let report = st.hub.last_report(&r.id);
-    let desired = st.policies.stored_bundle(&r.id).ok().flatten().map(|b| b.version);
+    let desired = st.policies.desired_version(&r.id).ok().flatten();
     ApplianceView {
         connected: st.hub.connected(&r.id) > 0,
         desired_version: desired,

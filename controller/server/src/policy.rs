@@ -7,7 +7,10 @@
 //! new version. The controller numbers versions; the text's own `version` is
 //! replaced by that number.
 
-use std::{collections::BTreeMap, sync::Mutex};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Mutex,
+};
 
 use ed25519_dalek::SigningKey;
 
@@ -121,12 +124,35 @@ pub struct Policies {
     key: SigningKey,
     /// Serializes version and bundle numbering within this process.
     lock: Mutex<()>,
+    /// The newest stored bundle version per appliance, so listings need not
+    /// decrypt and parse whole bundles: set when signing, filled from the
+    /// store on a miss, only ever raised (versions strictly increase).
+    versions: Mutex<HashMap<String, u64>>,
 }
 
 impl Policies {
     /// Over `store`, signing with `key`.
     pub fn new(store: Store, key: SigningKey) -> Self {
-        Self { store, key, lock: Mutex::new(()) }
+        Self { store, key, lock: Mutex::new(()), versions: Mutex::new(HashMap::new()) }
+    }
+
+    fn note_version(&self, appliance: &str, v: u64) {
+        let mut m = self.versions.lock().unwrap_or_else(|p| p.into_inner());
+        let e = m.entry(appliance.to_owned()).or_insert(v);
+        *e = (*e).max(v);
+    }
+
+    /// The version of the newest stored bundle of an appliance.
+    pub fn desired_version(&self, appliance: &str) -> Result<Option<u64>, PolicyError> {
+        let known = self.versions.lock().unwrap_or_else(|p| p.into_inner()).get(appliance).copied();
+        if known.is_some() {
+            return Ok(known);
+        }
+        let v = self.stored_bundle(appliance)?.map(|b| b.version);
+        if let Some(v) = v {
+            self.note_version(appliance, v);
+        }
+        Ok(v)
     }
 
     /// The bundle-signing public key.
@@ -347,6 +373,7 @@ impl Policies {
             appliance.as_bytes(),
             &serde_json::to_vec(&signed).map_err(PolicyError::Corrupt)?,
         )?;
+        self.note_version(appliance, signed.version);
         Ok(signed)
     }
 }

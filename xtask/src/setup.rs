@@ -19,6 +19,7 @@ const APT_PACKAGES: &[&str] = &[
     "wireguard-go",
     "python3-scapy",
     "iperf3",
+    "wrk", // the controller API benchmark's load generator
     "netsniff-ng",
     "tcpdump",
     "ethtool",

@@ -24,6 +24,7 @@ pub mod controller;
 pub mod dataplane;
 pub mod events;
 pub mod fault;
+pub mod hwcheck;
 pub mod maps;
 pub mod netif;
 pub mod nft_netlink;

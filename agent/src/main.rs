@@ -68,6 +68,16 @@ enum Command {
     /// Policy files: check, diff, and apply locally (until the controller drives the agent).
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Qualify this box: kernel BTF and XDP, ports and drivers, WireGuard, CPU
+    /// crypto, memory, disk, TPM, clock. Exit 1 when a check fails.
+    Hwcheck {
+        /// Hardware profile to check against (ports, drivers, minimums).
+        #[arg(long)]
+        profile: Option<PathBuf>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -250,6 +260,12 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
     };
     // Checking and diffing files needs no agent configuration.
     match &cli.command {
+        Command::Hwcheck { profile, json } => {
+            return airlock_agent::hwcheck::command(profile.as_deref(), &cli.config, *json)
+                .map_err(usage)?
+                .then_some(())
+                .ok_or_else(|| Failure::Other(anyhow::anyhow!("this box does not qualify")));
+        }
         Command::Policy(PolicyCommand::Check { file }) => {
             println!("{}", policy_cmd::check(file, policy_cmd::now()).map_err(policy_err)?);
             return Ok(());
@@ -290,7 +306,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             );
             Ok(())
         }
-        Command::Policy(_) => Ok(()),
+        Command::Policy(_) | Command::Hwcheck { .. } => Ok(()),
         Command::Enroll(args) => enroll(&cfg, args),
         Command::Controller(ControllerCommand::Status { json }) => controller_status(&cfg, json),
         Command::Detach { force } => {

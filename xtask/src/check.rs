@@ -54,15 +54,30 @@ pub fn run(quick: bool) -> Result<()> {
             step::run(step::cargo().args(["build", "-p", "airlock-agent"]))
         });
     }
+    let mut image = None;
     if ok {
-        record("cargo test (workspace, privileged tests included)", &mut || {
+        ok = record(
+            "appliance image (cargo xtask image; base cached under target/image)",
+            &mut || {
+                image =
+                    Some(crate::image::build(std::path::Path::new(crate::image::DEFAULT_PROFILE))?);
+                Ok(())
+            },
+        );
+    }
+    if ok {
+        record("cargo test (workspace, privileged tests, image boot test)", &mut || {
             let bin = airlock_testbed::target_dir().join("debug").join("airlock-agent");
-            step::run(step::cargo().env("AIRLOCK_AGENT_BIN", bin).args([
-                "test",
-                "--workspace",
-                "--exclude",
-                "airlock-ebpf",
-            ]))
+            let mut cargo = step::cargo();
+            if let Some(image) = &image {
+                cargo.env("AIRLOCK_IMAGE", image);
+            }
+            step::run(
+                cargo
+                    .env("AIRLOCK_AGENT_BIN", bin)
+                    .env("AIRLOCK_QEMU_DIR", crate::setup::qemu_dir())
+                    .args(["test", "--workspace", "--exclude", "airlock-ebpf"]),
+            )
         });
     }
 

@@ -1,11 +1,14 @@
-//! `cargo xtask`: Airlock's task runner (setup, lab, test, bench).
+//! `cargo xtask`: Airlock's task runner (setup, lab, test, bench, image).
 //!
 //! Every task prints one `==> ...` line per step and how it ended, so a CI
 //! log reads as a list of steps.
 
 mod check;
+mod image;
+mod image_files;
 mod lab;
 mod setup;
+mod sizing;
 mod step;
 
 use std::process::ExitCode;
@@ -39,6 +42,24 @@ enum Command {
     },
     /// Per-packet cost of the XDP boundary (BPF_PROG_TEST_RUN; root).
     Bench,
+    /// Build the bootable appliance image (target/image/airlock.img; see
+    /// image/README.md), or write provisioning data into one.
+    Image {
+        #[command(subcommand)]
+        command: Option<ImageCommand>,
+        /// Hardware profile the image is built for.
+        #[arg(long, default_value = image::DEFAULT_PROFILE)]
+        profile: std::path::PathBuf,
+    },
+    /// State-partition size for the audit trail's retention (hardware/SIZING.md).
+    Sizing(sizing::SizingArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCommand {
+    /// Write the first-boot provisioning file (controller URL, CA fingerprint,
+    /// one-time enrollment token) into an image's AIRLOCK-CFG partition.
+    Provision(image::ProvisionArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -100,6 +121,13 @@ fn main() -> ExitCode {
         Command::Lab(LabCommand::Down { prefix }) => lab::down(&prefix),
         Command::Test { quick } => check::run(quick),
         Command::Bench => check::bench(),
+        Command::Image { command: None, profile } => {
+            crate::setup::run().and_then(|()| image::build(&profile)).map(|_| ())
+        }
+        Command::Image { command: Some(ImageCommand::Provision(args)), .. } => {
+            image::provision(&args)
+        }
+        Command::Sizing(args) => sizing::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

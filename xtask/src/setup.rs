@@ -27,7 +27,53 @@ const APT_PACKAGES: &[&str] = &[
     "util-linux",
     // The controller store's PKCS#11 KMS backend is tested against a SoftHSM2 token.
     "softhsm2",
+    // The appliance image (cargo xtask image) and its boot test.
+    "mmdebstrap",
+    "erofs-utils",
+    "cryptsetup-bin",
+    "systemd-boot-efi",
+    "dosfstools",
+    "mtools",
+    "fdisk",
+    "binutils",
+    "ovmf",
+    // What qemu-system-x86 7.2 links against (qemu itself is unpacked, see `qemu`).
+    "libaio1",
+    "libbpf1",
+    "libcapstone4",
+    "libfdt1",
+    "libfuse3-3",
+    "libibverbs1",
+    "libjpeg62-turbo",
+    "libnuma1",
+    "libpixman-1-0",
+    "libpmem1",
+    "libpng16-16",
+    "librdmacm1",
+    "libsasl2-2",
+    "libseccomp2",
+    "libslirp0",
+    "liburing2",
+    "libvdeplug2",
 ];
+
+/// Debian 12's QEMU, unpacked (not installed: its qemu-system-common conflicts
+/// with the qemu-utils 10 from backports on these machines). The boot test runs
+/// `<dir>/usr/bin/qemu-system-x86_64 -L <dir>/usr/share/qemu ...`.
+const QEMU_PACKAGES: &[&str] = &[
+    "qemu-system-x86/bookworm",
+    "qemu-system-common/bookworm",
+    "qemu-system-data/bookworm",
+    "seabios/bookworm",
+    "ipxe-qemu/bookworm",
+];
+
+/// Where `setup` unpacks QEMU: outside the repository, like bpf-linker.
+pub fn qemu_dir() -> PathBuf {
+    std::env::var_os("HOME")
+        .map_or_else(|| PathBuf::from("/root"), PathBuf::from)
+        .join(".cache/airlock/qemu-7.2")
+}
 
 /// Rustup components per toolchain.
 const COMPONENTS: &[(&str, &[&str])] =
@@ -42,7 +88,34 @@ pub fn run() -> Result<()> {
     rust_components()?;
     bpf_linker()?;
     cargo_fuzz()?;
+    qemu()?;
     bpffs()
+}
+
+fn qemu() -> Result<()> {
+    let dir = qemu_dir();
+    let bin = dir.join("usr/bin/qemu-system-x86_64");
+    let step = Step::start(format!("checking qemu-system-x86_64 in {}", dir.display()));
+    if let Ok(v) = capture(Command::new(&bin).arg("--version")) {
+        step.ok_with(v.lines().next().unwrap_or_default().to_owned());
+        return Ok(());
+    }
+    step.ok_with("missing");
+    let step = Step::start("unpacking Debian 12's QEMU (apt-get download + dpkg -x)");
+    let partial = dir.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&partial);
+    let debs = partial.join("debs");
+    std::fs::create_dir_all(&debs).with_context(|| format!("creating {}", debs.display()))?;
+    run_cmd(Command::new("apt-get").current_dir(&debs).arg("download").args(QEMU_PACKAGES))?;
+    for e in std::fs::read_dir(&debs)?.flatten() {
+        run_cmd(Command::new("dpkg").arg("-x").arg(e.path()).arg(&partial))?;
+    }
+    std::fs::remove_dir_all(&debs)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&partial, &dir)?;
+    let v = capture(Command::new(&bin).arg("--version"))?;
+    step.ok_with(v.lines().next().unwrap_or_default().to_owned());
+    Ok(())
 }
 
 /// cargo-fuzz runs the fuzz targets' smoke test.

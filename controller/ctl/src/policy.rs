@@ -129,22 +129,22 @@ fn read(file: &str, format: Option<Format>) -> Result<PolicyUpload, Refusal> {
 }
 
 /// Prints every located problem and turns them into the refusal (exit 2).
-fn invalid(file: &str, problems: &[airlock_proto::admin::PolicyProblem]) -> anyhow::Error {
+fn invalid(
+    file: &str,
+    problems: &[airlock_proto::admin::PolicyProblem],
+    then: &str,
+) -> anyhow::Error {
     for p in problems {
         eprintln!("{}", render::problem(file, p));
     }
-    Refusal::Refused(format!(
-        "{file}: the policy has {} problem(s); nothing was applied",
-        problems.len()
-    ))
-    .into()
+    Refusal::Refused(format!("{file}: the policy has {} problem(s){then}", problems.len())).into()
 }
 
 /// An `invalid_policy` refusal rendered against `file`; other errors as they are.
 fn located(file: &str, e: ClientError) -> anyhow::Error {
     match e.api() {
         Some((_, body)) if body.error == "invalid_policy" && !body.problems.is_empty() => {
-            invalid(file, &body.problems)
+            invalid(file, &body.problems, "; nothing was applied")
         }
         _ => e.into(),
     }
@@ -225,7 +225,7 @@ async fn validate(g: &Globals, file: &str, format: Option<Format>) -> Result<()>
         println!("{file}: valid");
         Ok(())
     } else {
-        Err(invalid(file, &r.problems))
+        Err(invalid(file, &r.problems, ""))
     }
 }
 

@@ -50,10 +50,13 @@
 //! when the entry expires, `timeout <secs>s`: the time left at compile time,
 //! rounded *up* to whole seconds (at least 1 s, at most [`MAX_TIMEOUT_SECS`]).
 //! Infrastructure entries have no timeout. Entries already expired at compile
-//! time are left out. The table is installed from this text; later element
-//! changes ([`crate::nft_delta::element_delta`]) reach the kernel as netlink
-//! messages the agent builds from the same [`NftElement`]s (the same key
-//! layout, timeout and comment), so `nft list` shows the same table either way. Replies are matched only with `ct state established` in
+//! time are left out, and so are management entries (the agent's own way to
+//! its controller: eBPF only). [`element_of`] is that placement of one entry.
+//! The table is installed from this text; later element changes
+//! ([`crate::nft_delta`]) reach the kernel as netlink messages the agent
+//! builds from the same [`NftElement`]s (the same key layout, timeout and
+//! comment), so `nft list` shows the same table either way. Replies are
+//! matched only with `ct state established` in
 //! the reply direction *and* the entry's element: there is no bare
 //! "established accept", so an entry that expires or is removed also stops the
 //! connections it let through.
@@ -119,7 +122,10 @@ use airlock_ebpf_common::{
     parse::{icmp, tcp_flags},
 };
 
-use crate::flow::{Expiry, Flow, FlowEntry, Ingress, Protocol};
+use crate::{
+    flow::{Expiry, Flow, FlowEntry, Ingress, Protocol},
+    model::MANAGEMENT_RULE_ID,
+};
 
 /// The table name used unless the input names another.
 pub const DEFAULT_TABLE: &str = "airlock";
@@ -261,6 +267,15 @@ impl NftInput {
     pub const fn reply_min_port(&self) -> u16 {
         self.reply_min_port
     }
+    /// True when rulesets compiled from `self` and `other` can differ only in
+    /// set elements: the same table, ports and reply floor (the policy
+    /// version is only in comments).
+    pub fn same_shape(&self, other: &NftInput) -> bool {
+        self.table == other.table
+            && self.patient_ports == other.patient_ports
+            && self.uplink_ports == other.uplink_ports
+            && self.reply_min_port == other.reply_min_port
+    }
 }
 
 fn check_ifname(name: &str) -> Result<(), NftError> {
@@ -397,7 +412,8 @@ pub struct SetId {
 }
 
 impl SetId {
-    const fn slot(self) -> usize {
+    /// The set's position in the ruleset (its rendering order).
+    pub(crate) const fn slot(self) -> usize {
         let f = match self.family {
             Family::V4 => 0,
             Family::V6 => 1,
@@ -653,32 +669,12 @@ pub struct NftRuleset {
 }
 
 /// Compiles flow entries into the nftables layer at `now_ns` (CLOCK_MONOTONIC
-/// nanoseconds, like [`Expiry::At`]). Entries expired at `now_ns` are left out;
-/// timed ones get the time left, rounded up to whole seconds (1 s at least,
-/// [`MAX_TIMEOUT_SECS`] at most); infrastructure entries no timeout.
+/// nanoseconds, like [`Expiry::At`]): every entry becomes the element
+/// [`element_of`] gives it, in the set it names.
 pub fn compile(input: &NftInput, entries: &[FlowEntry], now_ns: u64) -> NftRuleset {
     let mut sets: Vec<NftSet> =
         SetId::all().map(|id| NftSet { id, elements: BTreeMap::new() }).collect();
-    for e in entries {
-        let timeout_secs = match e.expiry {
-            Expiry::Infrastructure => None,
-            Expiry::At(t) if t <= now_ns => continue,
-            Expiry::At(t) => Some((t - now_ns).div_ceil(NS_PER_SEC).clamp(1, MAX_TIMEOUT_SECS)),
-        };
-        let element = NftElement {
-            flow: e.flow,
-            timeout_secs,
-            rule_id: e.rule_id,
-            policy_version: e.policy_version,
-        };
-        let family = Family::of(e.flow.dst());
-        let kind = match (e.flow.protocol(), e.allow_reply) {
-            (Protocol::Icmp, true) => SetKind::Echo,
-            (Protocol::Icmp, false) => SetKind::EchoNoReply,
-            (Protocol::Tcp | Protocol::Udp, true) => SetKind::Flow,
-            (Protocol::Tcp | Protocol::Udp, false) => SetKind::FlowNoReply,
-        };
-        let id = SetId { family, ingress: e.ingress, kind };
+    for (id, element) in entries.iter().filter_map(|e| element_of(e, now_ns)) {
         if let Some(set) = sets.get_mut(id.slot()) {
             set.insert(element);
         }
@@ -692,6 +688,41 @@ pub fn compile(input: &NftInput, entries: &[FlowEntry], now_ns: u64) -> NftRules
         sets,
         forward: forward_chain(input.reply_min_port),
     }
+}
+
+/// Where [`compile`] at `now_ns` puts one entry: its set and its element, or
+/// `None` when it is not in the table — expired at `now_ns`, or a management
+/// entry ([`MANAGEMENT_RULE_ID`]: the agent's own way to its controller, which
+/// the eBPF layer alone needs; this table filters forwarded traffic only).
+/// Timed entries get the time left, rounded up to whole seconds (1 s at least,
+/// [`MAX_TIMEOUT_SECS`] at most); infrastructure entries no timeout.
+///
+/// The one definition of an entry's place: `compile` and the element delta
+/// built from the reconciler's actions
+/// ([`crate::nft_delta::element_delta_from_actions`]) both use it.
+pub fn element_of(entry: &FlowEntry, now_ns: u64) -> Option<(SetId, NftElement)> {
+    if entry.rule_id == MANAGEMENT_RULE_ID {
+        return None;
+    }
+    let timeout_secs = match entry.expiry {
+        Expiry::Infrastructure => None,
+        Expiry::At(t) if t <= now_ns => return None,
+        Expiry::At(t) => Some((t - now_ns).div_ceil(NS_PER_SEC).clamp(1, MAX_TIMEOUT_SECS)),
+    };
+    let element = NftElement {
+        flow: entry.flow,
+        timeout_secs,
+        rule_id: entry.rule_id,
+        policy_version: entry.policy_version,
+    };
+    let kind = match (entry.flow.protocol(), entry.allow_reply) {
+        (Protocol::Icmp, true) => SetKind::Echo,
+        (Protocol::Icmp, false) => SetKind::EchoNoReply,
+        (Protocol::Tcp | Protocol::Udp, true) => SetKind::Flow,
+        (Protocol::Tcp | Protocol::Udp, false) => SetKind::FlowNoReply,
+    };
+    let id = SetId { family: Family::of(entry.flow.dst()), ingress: entry.ingress, kind };
+    Some((id, element))
 }
 
 fn forward_chain(floor: u16) -> Vec<NftRule> {
@@ -1394,6 +1425,22 @@ table inet airlock {
         assert_eq!(timeout(Expiry::Infrastructure), Some(None));
         assert_eq!(timeout(Expiry::At(NOW0)), None, "expired: left out");
         assert_eq!(timeout(Expiry::At(0)), None, "a zero expiry fails closed");
+    }
+
+    /// `compile` puts every entry where `element_of` says (the golden
+    /// entries cover every set), and management entries nowhere.
+    #[test]
+    fn compile_places_each_entry_as_element_of_does() {
+        let entries = golden_entries();
+        let rs = compile(&lab_input(), &entries, NOW0);
+        let placed: Vec<_> = entries.iter().filter_map(|e| element_of(e, NOW0)).collect();
+        assert_eq!(placed.len(), rs.sets().iter().map(NftSet::len).sum::<usize>());
+        for (id, element) in &placed {
+            assert_eq!(rs.set(*id).and_then(|s| s.get(&element.flow)), Some(element));
+        }
+        let mgmt = FlowEntry { rule_id: MANAGEMENT_RULE_ID, ..entries[0] };
+        assert_eq!(element_of(&mgmt, NOW0), None);
+        assert_eq!(compile(&lab_input(), &[mgmt], NOW0), compile(&lab_input(), &[], NOW0));
     }
 
     fn pkt(iif: &str, src: &str, dst: &str, l4: L4, ct: CtState, dir: CtDirection) -> PacketMeta {

@@ -106,9 +106,17 @@ fn be(v: u32) -> [u8; 4] {
 fn describe(e: &FlowEntry, now: u64) -> String {
     let when = match e.expiry {
         airlock_policy::Expiry::Infrastructure => "infrastructure".to_owned(),
-        airlock_policy::Expiry::At(ns) => format!("expires in {} s", ns / 1_000_000_000),
+        // Compiled with Now::wall(now): the instant is nanoseconds after `now`.
+        airlock_policy::Expiry::At(ns) => {
+            let at = now.saturating_add(ns / 1_000_000_000);
+            let text = i64::try_from(at)
+                .ok()
+                .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
+                .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+                .unwrap_or_else(|| format!("unix {at}"));
+            format!("until {text}")
+        }
     };
-    let _ = now;
     format!(
         "{} (rule {}, {when}{})",
         e.flow,

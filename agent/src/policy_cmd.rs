@@ -5,14 +5,15 @@
 use std::{collections::BTreeMap, fmt::Write as _, path::Path};
 
 use airlock_policy::{
-    check_toml, compile, reconcile, validate, Action, DesiredState, Diagnostic, Expiry, FlowEntry,
-    Now, Policy,
+    check_toml, compile, model::MANAGEMENT_RULE_ID, nft_delta, reconcile, validate, Action,
+    DesiredState, Diagnostic, Expiry, Flow, FlowEntry, Now, Policy,
 };
 
 use crate::{
     clock,
     config::AgentConfig,
     maps::Maps,
+    nft_netlink::NftNetlink,
     store::{LastKnownGood, StateStore, StoreError},
 };
 
@@ -198,7 +199,7 @@ pub fn apply_policy(
 
 /// Makes both layers enforce `entries` (compiled for `policy_version` at
 /// `now`): the maps first (minimal changes, closing first), then the
-/// nftables step ([`apply_nftables_entries`]). `previous` is what was applied
+/// nftables step ([`nftables_step`]). `previous` is what was applied
 /// before (entries compiled at the same `now`, and their policy version).
 /// Returns (removed, upserted) of the eBPF step.
 pub fn apply_entries(
@@ -209,78 +210,130 @@ pub fn apply_entries(
     maps: &mut Maps,
     now: Now,
 ) -> Result<(usize, usize), PolicyCmdError> {
+    apply_entries_on(None, entries, policy_version, previous, cfg, maps, now)
+}
+
+/// [`apply_entries`] with an nf_tables netlink socket the caller keeps open
+/// across changes (`None`: one is opened for this change and closed after
+/// it, which waits for the kernel's grace period once the change is in
+/// force).
+pub fn apply_entries_on(
+    nl: Option<&mut NftNetlink>,
+    entries: &[FlowEntry],
+    policy_version: u32,
+    previous: Option<(&[FlowEntry], u32)>,
+    cfg: &AgentConfig,
+    maps: &mut Maps,
+    now: Now,
+) -> Result<(usize, usize), PolicyCmdError> {
     let listed = maps.list()?;
-    let observed: Vec<FlowEntry> =
+    let mut observed: Vec<FlowEntry> =
         listed.iter().filter_map(|(e, _, _)| e.as_ref().ok().copied()).collect();
     let unreadable = listed.len() - observed.len();
     if unreadable > 0 {
         // They cannot be named by flow; `detach` clears them.
         tracing::warn!(unreadable, "flow entries the agent cannot read back are left in the maps");
     }
+    // In flow order: the reconciler's (it then sorts nothing), and the
+    // nftables step compares it with `previous` in one pass.
+    observed.sort_unstable_by_key(|e| e.flow);
     // The agent's own way to its controller (eBPF only: the nftables table
     // filters forwarded traffic, never the appliance's own).
     let want = crate::controller::mgmt::with_management(entries, cfg);
+    let actions = reconcile(&want, &observed, now.mono_ns);
     let (mut removed, mut upserted) = (0, 0);
-    for act in reconcile(&want, &observed, now.mono_ns) {
+    for act in &actions {
         match act {
             Action::Remove(f) => {
-                maps.remove(&f)?;
+                maps.remove(f)?;
                 removed += 1;
             }
             Action::Upsert(e) => {
-                maps.upsert(&e)?;
+                maps.upsert(e)?;
                 upserted += 1;
             }
         }
     }
     crate::fault::point("after-ebpf");
-    apply_nftables_entries(entries, policy_version, previous, cfg, now)?;
+    nftables_step(nl, entries, policy_version, previous, &observed, &actions, cfg, now)?;
     Ok((removed, upserted))
 }
 
-/// The nftables step, when `cfg` turns the layer on. When the table is there
-/// it holds the ruleset of `previous` (what was applied before is saved only
-/// after its nftables step succeeded), and a change of elements only goes to
-/// the kernel over netlink as one batch (`nft_netlink`); anything else — no
-/// previous state, no table, a changed shape — and a batch the kernel
-/// refuses or does not confirm replace the whole table with `nft -f` (one
-/// transaction). Either way the table holds the old or the new ruleset, never
-/// a mix; run it after the eBPF step, which then already enforces the new one.
-pub fn apply_nftables_entries(
+/// The nftables step of [`apply_entries`], when `cfg` turns the layer on,
+/// after the eBPF step found `observed` in the maps (sorted by flow) and
+/// applied `actions` (the reconciler's, from `observed` to `entries` plus
+/// the management entries).
+///
+/// When the table is there it holds the entries of `previous` (what was
+/// applied before is saved only after its nftables step succeeded). If the
+/// maps held the same — `previous` plus management entries, which have no
+/// element — the eBPF step's actions are the table's change too: the element
+/// delta is built from them and `previous` alone
+/// ([`nft_delta::element_delta_from_actions`], O(changes), no ruleset
+/// compiled), and goes to the kernel over netlink as one batch. If the maps
+/// held anything else, an earlier apply stopped between its steps (a crash,
+/// or a failed nftables step): then the table's content is not certain
+/// either (that apply may have changed it before it could save), and the
+/// whole table is replaced. So is it for no previous state, a changed shape,
+/// a missing table, and a batch the kernel refuses or does not confirm:
+/// `nft -f` with the whole new ruleset (one transaction). Either way the
+/// table holds the old or the new ruleset, never a mix; the eBPF layer
+/// already enforces the new one.
+///
+/// `nl`: as in [`apply_entries_on`].
+#[expect(clippy::too_many_arguments, reason = "the state of both layers at one point")]
+pub fn nftables_step(
+    nl: Option<&mut NftNetlink>,
     entries: &[FlowEntry],
     policy_version: u32,
     previous: Option<(&[FlowEntry], u32)>,
+    observed: &[FlowEntry],
+    actions: &[Action],
     cfg: &AgentConfig,
     now: Now,
 ) -> Result<(), PolicyCmdError> {
     let Some(input) = cfg.nft_input(policy_version)? else { return Ok(()) };
-    let ruleset = airlock_policy::nft::compile(&input, entries, now.mono_ns);
-    let old = previous.and_then(|(entries, version)| {
-        let input = cfg.nft_input(version).ok()??;
-        Some(airlock_policy::nft::compile(&input, entries, now.mono_ns))
-    });
-    let full = || crate::nftables::apply(&ruleset.to_string()).map_err(PolicyCmdError::from);
-    let Some(delta) = old.and_then(|old| airlock_policy::nft_delta::element_delta(&old, &ruleset))
+    let full = || {
+        let ruleset = airlock_policy::nft::compile(&input, entries, now.mono_ns);
+        crate::nftables::apply(&ruleset.to_string()).map_err(PolicyCmdError::from)
+    };
+    let Some((previous, previous_version)) = previous else { return full() };
+    let policy_part = observed.iter().filter(|e| e.rule_id != MANAGEMENT_RULE_ID);
+    if !nft_delta::same_live_entries(policy_part, previous, now.mono_ns) {
+        tracing::warn!(
+            "the eBPF maps did not hold the previously applied entries (an apply did not \
+             finish): replacing the nftables table"
+        );
+        return full();
+    }
+    let Some(old_input) = cfg.nft_input(previous_version).ok().flatten() else { return full() };
+    // `same_live_entries` found `previous` sorted by flow, one entry per flow.
+    let old = |f: &Flow| previous.binary_search_by(|e| e.flow.cmp(f)).ok().map(|i| &previous[i]);
+    let Some(delta) =
+        nft_delta::element_delta_from_actions(&old_input, old, actions, &input, now.mono_ns)
     else {
         return full();
     };
     let (removed, added) = (delta.removals().len(), delta.additions().len());
-    // One socket for the lookup and the batch. Closing it (when the closure
-    // returns) waits for the kernel to release the transaction: after the
-    // change is in force.
-    let applied = crate::nft_netlink::NftNetlink::open().and_then(|mut nl| {
-        if !nl.table_exists(ruleset.table())? {
+    let send = |nl: &mut NftNetlink| {
+        if !nl.table_exists(delta.table())? {
             return Ok(false);
         }
         nl.apply_delta(&delta).map(|()| true)
-    });
+    };
+    let applied = match nl {
+        Some(nl) => send(nl),
+        // Closing this one (when the closure returns) waits for the kernel to
+        // release the transaction: after the change is in force.
+        None => NftNetlink::open().and_then(|mut nl| send(&mut nl)),
+    };
     match applied {
         Ok(true) => {
             tracing::info!(removed, added, "nftables elements changed over netlink");
             Ok(())
         }
         Ok(false) => {
-            tracing::info!(table = ruleset.table(), "no nftables table yet; installing it whole");
+            tracing::info!(table = delta.table(), "no nftables table yet; installing it whole");
             full()
         }
         Err(e) => {
@@ -319,6 +372,7 @@ pub fn apply(
     let policy = read(path)?;
     let previous = store.load()?.filter(|l| l.appliance == appliance).map(|l| l.policy);
     let counts = apply_policy(&policy, previous.as_ref(), path, appliance, cfg, maps, now)?;
+    crate::fault::point("before-save");
     let lkg = LastKnownGood {
         format: 1,
         appliance: appliance.to_owned(),

@@ -347,3 +347,69 @@ fn policy_changes_go_over_netlink_and_a_stale_table_is_replaced() {
     assert!(!table.contains("fd00:a1:77::12"), "p2's IPv6 element is gone as well: {table}");
     assert!(connects(t.p1()) && !connects(t.p2()), "and the policy is enforced");
 }
+
+/// `policy apply` killed at fault point `point` (SIGKILL, like a crash).
+fn apply_and_crash(lab: &airlock_testbed::Lab, text: &str, point: &str) {
+    use std::os::unix::process::ExitStatusExt as _;
+    let r = lab.agent().record();
+    let path = r.state_dir.join("crash.toml");
+    std::fs::write(&path, text).unwrap();
+    let status = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", r.netns))
+        .arg(&r.bin)
+        .args(["--config", &r.config.to_string_lossy(), "policy", "apply", &path.to_string_lossy()])
+        .args(["--appliance", airlock_testbed::LAB_APPLIANCE])
+        .env("AIRLOCK_FAULT", point)
+        .status()
+        .expect("run the agent");
+    assert_eq!(status.signal(), Some(9), "killed at {point}: {status:?}");
+}
+
+const MISMATCH: &str = "the eBPF maps did not hold the previously applied entries";
+
+/// The element delta comes from the eBPF step's actions, so it is right only
+/// when the maps held what the table holds. After an apply that stopped
+/// between its steps they differ, and the next apply replaces the table:
+/// built from the actions alone, the delta would miss p2's element after a
+/// crash between the layers (p2 never gets through), and leave it in the
+/// table after a crash before the save (the table more open than the policy).
+#[test]
+fn after_an_apply_that_stopped_midway_the_next_one_replaces_the_table() {
+    let lab = airlock_testbed::Lab::start(&airlock_testbed::unique_prefix()).expect("lab");
+    let t = lab.topology();
+    let app = t.appliance();
+    let _svc = t
+        .external()
+        .run(|| std::net::TcpListener::bind((airlock_testbed::addr::EXT_V4, 443)))
+        .unwrap()
+        .expect("listen");
+    let wider = LAB_POLICY.replace("hosts = [\"p1\"]", "hosts = [\"p1\", \"p2\"]");
+    apply(&lab, LAB_POLICY);
+
+    // Killed after the eBPF step: the maps hold `wider`, the table and the
+    // last-known-good state the lab policy. Applying `wider` again changes
+    // nothing in the maps, but the table must gain p2.
+    apply_and_crash(&lab, &wider, "after-ebpf");
+    assert!(!connects(t.p2()), "the table (lab policy) refuses p2");
+    let (out, log) = apply(&lab, &wider);
+    assert!(out.contains("0 removed, 0 added"), "the maps already hold it: {out}");
+    assert!(log.contains(MISMATCH) && !log.contains("over netlink"), "{log}");
+    assert_eq!(element_packets(app, "10.77.0.12"), Some(0), "p2's element, in a new table");
+    assert!(connects(t.p1()) && connects(t.p2()));
+
+    // With both layers in step again, a change goes over netlink.
+    let (_, log) = apply(&lab, LAB_POLICY);
+    assert!(log.contains("nftables elements changed over netlink") && !log.contains(MISMATCH));
+    assert_eq!(element_packets(app, "10.77.0.12"), None);
+
+    // Killed after both steps, before the save: both layers hold `wider`, the
+    // last-known-good state the lab policy. Applying the lab policy must take
+    // p2's element out of the table, which the lab policy never had.
+    apply_and_crash(&lab, &wider, "before-save");
+    assert!(connects(t.p2()), "both layers hold wider");
+    let (out, log) = apply(&lab, LAB_POLICY);
+    assert!(!out.contains(" 0 removed"), "the maps close p2: {out}");
+    assert!(log.contains(MISMATCH) && !log.contains("over netlink"), "{log}");
+    assert_eq!(element_packets(app, "10.77.0.12"), None, "p2's element is gone");
+    assert!(connects(t.p1()) && !connects(t.p2()));
+}

@@ -255,7 +255,9 @@ impl Controller {
         for name in &self.server_names {
             cmd.arg("--server-name").arg(name);
         }
-        cmd.env("RUST_LOG", "info").stdin(Stdio::null()).stdout(out).stderr(log);
+        // Plain text in the log file (tracing colours it otherwise).
+        cmd.env("RUST_LOG", "info").env("NO_COLOR", "1");
+        cmd.stdin(Stdio::null()).stdout(out).stderr(log);
         // SAFETY: the closure runs in the forked child before exec and only
         // calls setsid and prctl, which are async-signal-safe (see Agent).
         let die_with_parent = self.die_with_parent;

@@ -140,5 +140,34 @@ pub fn bench() -> Result<()> {
         "results: the Markdown table above, and {}",
         airlock_testbed::target_dir().join("bench-dataplane.json").display()
     );
+    sync_bench()
+}
+
+/// Policy change → applied on the agent, in the lab with its controller,
+/// with release builds of both.
+fn sync_bench() -> Result<()> {
+    let step = Step::start("cargo build --release -p airlock-agent -p airlock-controller");
+    step::run(step::cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "airlock-agent",
+        "-p",
+        "airlock-controller",
+    ]))?;
+    step.ok();
+    let release = airlock_testbed::target_dir().join("release");
+    let step = Step::start("cargo bench -p airlock-testbed --bench sync");
+    step::run(
+        step::cargo()
+            .env("AIRLOCK_AGENT_BIN", release.join("airlock-agent"))
+            .env("AIRLOCK_CONTROLLER_BIN", release.join("airlock-controller"))
+            .args(["bench", "-p", "airlock-testbed", "--bench", "sync"]),
+    )?;
+    step.ok();
+    println!(
+        "results: the table above, and {}",
+        airlock_testbed::target_dir().join("bench-sync.json").display()
+    );
     Ok(())
 }

@@ -40,7 +40,9 @@ enum Command {
         #[arg(long)]
         quick: bool,
     },
-    /// Per-packet cost of the XDP boundary (BPF_PROG_TEST_RUN; root).
+    /// Benchmarks (root): per-packet cost of the XDP boundary
+    /// (BPF_PROG_TEST_RUN), and policy change → applied on the agent in the
+    /// lab with its controller (release builds).
     Bench,
     /// Build the bootable appliance image (target/image/airlock.img; see
     /// image/README.md), or write provisioning data into one.

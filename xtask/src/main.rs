@@ -6,6 +6,7 @@
 mod check;
 mod image;
 mod image_files;
+mod image_sign;
 mod lab;
 mod setup;
 mod sizing;
@@ -62,6 +63,15 @@ enum ImageCommand {
     /// Write the first-boot provisioning file (controller URL, CA fingerprint,
     /// one-time enrollment token) into an image's AIRLOCK-CFG partition.
     Provision(image::ProvisionArgs),
+    /// Check an image's signed manifest (Ed25519) and its checksum.
+    Verify {
+        /// The image (its manifest.json, manifest.json.sig next to it).
+        #[arg(long, default_value_os_t = image::default_image())]
+        image: std::path::PathBuf,
+        /// Public key file (64 hex digits), default image-signing.pub next to the image.
+        #[arg(long)]
+        public_key: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -128,6 +138,9 @@ fn main() -> ExitCode {
         }
         Command::Image { command: Some(ImageCommand::Provision(args)), .. } => {
             image::provision(&args)
+        }
+        Command::Image { command: Some(ImageCommand::Verify { image, public_key }), .. } => {
+            image_sign::verify_image(&image, public_key.as_deref())
         }
         Command::Sizing(args) => sizing::run(&args),
     };

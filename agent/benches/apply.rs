@@ -7,30 +7,40 @@
 //! flows it measures: the policy compile (TOML text → validated → entries),
 //! the nftables compile and render, the full apply on each layer (eBPF: the
 //! reconciler's upserts into empty maps; nftables: one `nft -f` transaction),
-//! and the latency of a one-flow change on each layer. The nftables one-flow
-//! change is what the agent does — the element delta, the table lookup and
-//! one netlink batch (`nft_netlink`) — timed over [`CHANGES`] changes (median
-//! and p99): until the kernel acknowledged it (in force), on a socket kept
-//! open, and with a socket opened and closed per change (as `policy apply`
-//! does); beside the same change as an `nft -f` text delta (the path before
-//! netlink) and as a whole-table replacement.
-
+//! and the latency of a one-flow change, over [`CHANGES`] changes back and
+//! forth (median and p99): the agent's nftables step as the daemon runs it
+//! (`policy_cmd::nftables_step` after the eBPF step: the check that the maps
+//! held the previous entries, the element delta from the eBPF step's
+//! actions, the table lookup and one netlink batch), until the kernel
+//! acknowledged it (in force), on a socket kept open — and of that the pure
+//! part, beside the merge over two compiled rulesets it replaces; the same
+//! step with a socket opened and closed per change (as `policy apply`
+//! does); the whole `apply_entries` (both layers: the maps listed,
+//! reconciled and changed, then the nftables step) and of that the listing
+//! of the maps; and, once, the change as a whole-table replacement.
 use std::{
     fmt::Write as _,
     net::Ipv4Addr,
     time::{Duration, Instant},
 };
 
-use airlock_agent::{dataplane::PROGRAMS, maps::Maps, nft_netlink, nftables};
-use airlock_policy::{
-    check_toml, compile, nft, nft_delta, reconcile, Action, FlowEntry, Ingress, Now,
+use airlock_agent::{
+    config::AgentConfig,
+    dataplane::PROGRAMS,
+    maps::Maps,
+    nft_netlink::NftNetlink,
+    nftables,
+    policy_cmd::{self, NftOutcome},
 };
+use airlock_policy::{check_toml, compile, nft, nft_delta, reconcile, Action, FlowEntry, Now};
 use anyhow::{Context as _, Result};
 
 mod common;
 const SIZES: [usize; 4] = [10, 1_000, 10_000, 100_000];
-/// One-flow changes timed per size on the nftables layer.
+/// One-flow changes timed per size.
 const CHANGES: usize = 50;
+/// Map listings timed per size.
+const LISTINGS: usize = 10;
 
 /// A policy with `n` patient hosts, each with one flow to one service.
 fn policy_text(n: usize) -> String {
@@ -66,12 +76,13 @@ fn median_p99(mut d: Vec<Duration>) -> (f64, f64) {
     (at(0.5), at(0.99))
 }
 
-/// `CHANGES` one-flow changes, back and forth between `a` and `b` (the table
-/// holds `a`), each applied by `apply`; the table holds `a` again afterwards.
-fn time_changes(
-    a: &nft::NftRuleset,
-    b: &nft::NftRuleset,
-    mut apply: impl FnMut(&nft::NftRuleset, &nft::NftRuleset) -> Result<()>,
+/// `CHANGES` one-flow changes, back and forth between `a` and `b` (both
+/// layers hold `a`), each applied by `apply(from, to)`; they hold `a` again
+/// afterwards.
+fn time_changes<T: ?Sized>(
+    a: &T,
+    b: &T,
+    mut apply: impl FnMut(&T, &T) -> Result<()>,
 ) -> Result<Vec<Duration>> {
     let mut times = Vec::with_capacity(CHANGES);
     for i in 0..CHANGES.next_multiple_of(2) {
@@ -115,14 +126,26 @@ fn main() -> Result<()> {
     common::with_scratch_pins("apply", bench)
 }
 
+/// An agent configuration with the nftables layer on: ports `patient0` and
+/// `uplink0`, no controller (so no management entries).
+fn config(pin_dir: &std::path::Path) -> Result<AgentConfig> {
+    let text = format!(
+        "[appliance]\nname = \"gw\"\npin_dir = \"{}\"\nstate_dir = \"{}/state\"\n\
+         [[port]]\nname = \"patient0\"\nrole = \"patient\"\n\
+         [[port]]\nname = \"uplink0\"\nrole = \"uplink\"\n",
+        pin_dir.display(),
+        pin_dir.display(),
+    );
+    AgentConfig::parse(&text).map_err(|e| anyhow::anyhow!("{e:?}"))
+}
+
 fn bench(pin_dir: &std::path::Path) -> Result<()> {
     let _ebpf = aya::EbpfLoader::new().default_map_pin_directory(pin_dir).load(PROGRAMS)?;
     let mut maps = Maps::open(pin_dir)?;
-    let input = nft::NftInput::new(1)
-        .with_ports(Ingress::Patient, ["patient0"])?
-        .with_ports(Ingress::Uplink, ["uplink0"])?;
-    println!("| flows | policy compile | nft compile + render | eBPF full apply | nftables full apply | one-flow change: eBPF | one-flow change: nftables over netlink, in force, median / p99 | of which the element delta, median | the same incl. socket open and close, median / p99 | same change as `nft -f` element delta, median / p99 | same change as a full table replace |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let cfg = config(pin_dir)?;
+    let input = cfg.nft_input(1)?.context("the nftables layer is on")?;
+    println!("| flows | policy compile | nft compile + render | eBPF full apply | nftables full apply | one-flow change: eBPF | one-flow change: agent nftables step, in force, median / p99 | of which the delta (check + from actions), median / p99 | before: merge delta over the compiled rulesets, median | nftables step incl. socket open and close, median / p99 | one-flow change: apply_entries (both layers), median / p99 | of which listing the maps, median | same change as a full table replace |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for n in SIZES {
         let text = policy_text(n);
         let now = Now { unix_secs: 1_795_392_000, mono_ns: airlock_agent::clock::monotonic_ns() };
@@ -149,7 +172,7 @@ fn bench(pin_dir: &std::path::Path) -> Result<()> {
         nftables::apply(&text_nft)?;
         let nft_ms = ms(t);
 
-        // One flow changes: the last one moves to port 8443... as a new rule id.
+        // One flow changes: the last one gets a new rule id.
         let mut changed = entries.clone();
         if let Some(last) = changed.last_mut() {
             last.rule_id += 1_000_000;
@@ -158,47 +181,105 @@ fn bench(pin_dir: &std::path::Path) -> Result<()> {
         let one = apply_ebpf(&mut maps, &changed, entries, now.mono_ns)?;
         let ebpf_one_ms = ms(t);
         anyhow::ensure!(one == 1, "{one} actions for one change");
-        let old_rs = nft::compile(&input, entries, now.mono_ns);
-        let new_rs = nft::compile(&input, &changed, now.mono_ns);
-        let one = nft_delta::element_delta(&old_rs, &new_rs).context("same shape")?;
-        anyhow::ensure!(
-            one.removals().len() == 1 && one.additions().len() == 1,
-            "one flow: one removal and one addition:\n{one}"
-        );
-        // The agent's path: delta, table lookup, one netlink batch, on a socket
-        // kept open (the change is in force when the last ack is read).
-        let mut nl = nft_netlink::NftNetlink::open()?;
-        let netlink = time_changes(&old_rs, &new_rs, |from, to| {
-            let d = nft_delta::element_delta(from, to).context("same shape")?;
-            anyhow::ensure!(nl.table_exists(to.table())?, "the table is there");
-            Ok(nl.apply_delta(&d)?)
+        apply_ebpf(&mut maps, entries, &changed, now.mono_ns)?;
+
+        // The agent's nftables step after the eBPF step, which found the
+        // previous entries in the maps (`observed`) and computed the actions:
+        // the check, the delta from the actions, the table lookup and one
+        // netlink batch, on a socket kept open (in force at the last ack).
+        let actions = |from: &[FlowEntry], to: &[FlowEntry]| reconcile(to, from, now.mono_ns);
+        let (forth, back) = (actions(entries, &changed), actions(&changed, entries));
+        let actions_of = |to: &[FlowEntry]| if to == changed.as_slice() { &forth } else { &back };
+        let mut nl = NftNetlink::open()?;
+        let step = time_changes(entries.as_slice(), &changed, |from, to| {
+            let done = policy_cmd::nftables_step(
+                Some(&mut nl),
+                to,
+                1,
+                Some((from, 1)),
+                from,
+                actions_of(to),
+                &cfg,
+                now,
+            )?;
+            anyhow::ensure!(done == NftOutcome::Elements { removed: 1, added: 1 }, "{done:?}");
+            Ok(())
         })?;
-        drop(nl);
-        // Of that, the element delta alone (pure: a merge over both rulesets).
-        let delta_only = time_changes(&old_rs, &new_rs, |from, to| {
+        // Of that, the pure part: the check and the delta from the actions.
+        let delta_only = time_changes(entries.as_slice(), &changed, |from, to| {
+            anyhow::ensure!(nft_delta::same_live_entries(from, from, now.mono_ns));
+            let old = |f: &airlock_policy::Flow| {
+                from.binary_search_by(|e| e.flow.cmp(f)).ok().map(|i| &from[i])
+            };
+            let d = nft_delta::element_delta_from_actions(
+                &input,
+                old,
+                actions_of(to),
+                &input,
+                now.mono_ns,
+            )
+            .context("same shape")?;
+            anyhow::ensure!(d.len() == 2, "one flow: one removal and one addition:\n{d}");
+            Ok(())
+        })?;
+        // What it replaces (without the two compiles it needed).
+        let (old_rs, new_rs) = (
+            nft::compile(&input, entries, now.mono_ns),
+            nft::compile(&input, &changed, now.mono_ns),
+        );
+        let merge = time_changes(&old_rs, &new_rs, |from, to| {
             nft_delta::element_delta(from, to).context("same shape").map(drop)
         })?;
-        // The same with a socket per change, as `policy apply` does: closing it
-        // waits for the kernel to release the transaction.
-        let per_socket = time_changes(&old_rs, &new_rs, |from, to| {
-            let d = nft_delta::element_delta(from, to).context("same shape")?;
-            let mut nl = nft_netlink::NftNetlink::open()?;
-            anyhow::ensure!(nl.table_exists(to.table())?, "the table is there");
-            Ok(nl.apply_delta(&d)?)
+        // The same step with a socket per change, as `policy apply` does:
+        // closing it waits for the kernel to release the transaction.
+        let per_socket = time_changes(entries.as_slice(), &changed, |from, to| {
+            let done = policy_cmd::nftables_step(
+                None,
+                to,
+                1,
+                Some((from, 1)),
+                from,
+                actions_of(to),
+                &cfg,
+                now,
+            )?;
+            anyhow::ensure!(done == NftOutcome::Elements { removed: 1, added: 1 }, "{done:?}");
+            Ok(())
         })?;
-        // The same change through `nft -f` (the path before netlink).
-        let text = time_changes(&old_rs, &new_rs, |from, to| {
-            let script = nft_delta::delta(from, to).context("same shape")?;
-            Ok(nftables::apply(&script)?)
+        // Both layers as the daemon changes them: list the maps, reconcile,
+        // change them, then the nftables step (socket kept open).
+        let both = time_changes(entries.as_slice(), &changed, |from, to| {
+            let (removed, upserted) = policy_cmd::apply_entries_on(
+                Some(&mut nl),
+                to,
+                1,
+                Some((from, 1)),
+                &cfg,
+                &mut maps,
+                now,
+            )?;
+            anyhow::ensure!(
+                (removed, upserted) == (0, 1),
+                "{removed} removed, {upserted} upserted"
+            );
+            Ok(())
         })?;
+        drop(nl);
+        // Of that, listing the maps (the eBPF step's read of what they hold).
+        let mut listing = Vec::new();
+        for _ in 0..LISTINGS {
+            let t = Instant::now();
+            let listed = maps.list()?;
+            listing.push(t.elapsed());
+            anyhow::ensure!(listed.len() == n, "{} entries listed", listed.len());
+        }
         let t = Instant::now();
         nftables::apply(&new_rs.to_string())?;
         let nft_replace_ms = ms(t);
-        let ((nl_med, nl_p99), (delta_med, _)) = (median_p99(netlink), median_p99(delta_only));
-        let ((sock_med, sock_p99), (text_med, text_p99)) =
-            (median_p99(per_socket), median_p99(text));
+        let [(st_med, st_p99), (d_med, d_p99), (m_med, _), (so_med, so_p99), (b_med, b_p99), (l_med, _)] =
+            [step, delta_only, merge, per_socket, both, listing].map(median_p99);
         println!(
-            "| {n} | {compile_ms:.1} ms | {nft_compile_ms:.1} ms | {ebpf_ms:.1} ms | {nft_ms:.1} ms | {ebpf_one_ms:.2} ms | {nl_med:.2} / {nl_p99:.2} ms | {delta_med:.2} ms | {sock_med:.1} / {sock_p99:.1} ms | {text_med:.1} / {text_p99:.1} ms | {nft_replace_ms:.0} ms |"
+            "| {n} | {compile_ms:.1} ms | {nft_compile_ms:.1} ms | {ebpf_ms:.1} ms | {nft_ms:.1} ms | {ebpf_one_ms:.2} ms | {st_med:.3} / {st_p99:.3} ms | {d_med:.3} / {d_p99:.3} ms | {m_med:.2} ms | {so_med:.1} / {so_p99:.1} ms | {b_med:.2} / {b_p99:.2} ms | {l_med:.2} ms | {nft_replace_ms:.0} ms |"
         );
     }
     Ok(())

@@ -259,6 +259,22 @@ pub fn apply_entries_on(
     Ok((removed, upserted))
 }
 
+/// What the nftables step did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NftOutcome {
+    /// The layer is off in the configuration.
+    Off,
+    /// Elements changed over netlink (one batch).
+    Elements {
+        /// Elements deleted.
+        removed: usize,
+        /// Elements added.
+        added: usize,
+    },
+    /// The whole table was replaced (`nft -f`).
+    Replaced,
+}
+
 /// The nftables step of [`apply_entries`], when `cfg` turns the layer on,
 /// after the eBPF step found `observed` in the maps (sorted by flow) and
 /// applied `actions` (the reconciler's, from `observed` to `entries` plus
@@ -291,11 +307,12 @@ pub fn nftables_step(
     actions: &[Action],
     cfg: &AgentConfig,
     now: Now,
-) -> Result<(), PolicyCmdError> {
-    let Some(input) = cfg.nft_input(policy_version)? else { return Ok(()) };
+) -> Result<NftOutcome, PolicyCmdError> {
+    let Some(input) = cfg.nft_input(policy_version)? else { return Ok(NftOutcome::Off) };
     let full = || {
         let ruleset = airlock_policy::nft::compile(&input, entries, now.mono_ns);
-        crate::nftables::apply(&ruleset.to_string()).map_err(PolicyCmdError::from)
+        crate::nftables::apply(&ruleset.to_string())?;
+        Ok(NftOutcome::Replaced)
     };
     let Some((previous, previous_version)) = previous else { return full() };
     let policy_part = observed.iter().filter(|e| e.rule_id != MANAGEMENT_RULE_ID);
@@ -330,7 +347,7 @@ pub fn nftables_step(
     match applied {
         Ok(true) => {
             tracing::info!(removed, added, "nftables elements changed over netlink");
-            Ok(())
+            Ok(NftOutcome::Elements { removed, added })
         }
         Ok(false) => {
             tracing::info!(table = delta.table(), "no nftables table yet; installing it whole");

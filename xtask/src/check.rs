@@ -58,14 +58,10 @@ pub fn run(quick: bool) -> Result<()> {
     // results (the boot test then reports the missing image itself).
     let mut image = None;
     if ok {
-        record(
-            "appliance image (cargo xtask image; base cached under target/image)",
-            &mut || {
-                image =
-                    Some(crate::image::build(std::path::Path::new(crate::image::DEFAULT_PROFILE))?);
-                Ok(())
-            },
-        );
+        record("appliance image (cargo xtask image; base cached under target/image)", &mut || {
+            image = Some(crate::image::build(std::path::Path::new(crate::image::DEFAULT_PROFILE))?);
+            Ok(())
+        });
     }
     if ok {
         record("cargo test (workspace, privileged tests, image boot test)", &mut || {

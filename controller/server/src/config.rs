@@ -85,6 +85,32 @@ fn url_of(a: SocketAddr) -> String {
 }
 
 impl ControllerConfig {
+    /// Refuses settings that would hand out unusable URLs: a listener on an
+    /// unspecified address (0.0.0.0, ::) needs its URL configured.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let bad = |what: &str| ConfigError::Invalid {
+            path: PathBuf::from("(settings)"),
+            message: format!(
+                "{what} listens on an unspecified address: set its URL (public_url / agent_url)"
+            ),
+        };
+        if self.listen.ip().is_unspecified() && self.public_url.is_none() {
+            return Err(bad("listen"));
+        }
+        if self.agent_listen.ip().is_unspecified() && self.agent_url.is_none() {
+            return Err(bad("agent_listen"));
+        }
+        for u in [&self.public_url, &self.agent_url].into_iter().flatten() {
+            if host_of(u).is_none() {
+                return Err(ConfigError::Invalid {
+                    path: PathBuf::from("(settings)"),
+                    message: format!("{u:?} is not an https://HOST[:PORT] URL"),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Reads a TOML file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
@@ -154,6 +180,17 @@ mod tests {
         for want in ["localhost", "127.0.0.1", "ctl.example", "fd00::1"] {
             assert!(n.contains(&want.to_owned()), "{n:?}");
         }
+    }
+
+    #[test]
+    fn unspecified_listeners_need_urls() {
+        let mut c =
+            ControllerConfig { listen: "0.0.0.0:8443".parse().unwrap(), ..Default::default() };
+        assert!(c.check().is_err());
+        c.public_url = Some("https://10.0.0.1:8443".into());
+        assert!(c.check().is_ok());
+        c.agent_url = Some("http://x".into());
+        assert!(c.check().is_err());
     }
 
     #[test]

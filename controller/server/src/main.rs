@@ -41,6 +41,12 @@ enum Command {
         /// Extra certificate name (repeatable).
         #[arg(long = "server-name")]
         server_names: Vec<String>,
+        /// The URL admins and enrolling agents use (needed when --listen is 0.0.0.0).
+        #[arg(long)]
+        public_url: Option<String>,
+        /// The URL agents stream from (needed when --agent-listen is 0.0.0.0).
+        #[arg(long)]
+        agent_url: Option<String>,
         /// Write "serving" and the URLs here once listening (for scripts).
         #[arg(long)]
         ready_file: Option<PathBuf>,
@@ -76,6 +82,7 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -118,7 +125,20 @@ fn open_store(cli: &Cli, cfg: &ControllerConfig) -> Result<Store> {
 fn run(cli: Cli) -> Result<()> {
     let mut cfg = load(&cli)?;
     match &cli.command {
-        Command::Serve { listen, agent_listen, server_names, ready_file } => {
+        Command::Serve {
+            listen,
+            agent_listen,
+            server_names,
+            public_url,
+            agent_url,
+            ready_file,
+        } => {
+            if public_url.is_some() {
+                cfg.public_url = public_url.clone();
+            }
+            if agent_url.is_some() {
+                cfg.agent_url = agent_url.clone();
+            }
             if let Some(l) = listen {
                 cfg.listen = *l;
             }
@@ -126,6 +146,7 @@ fn run(cli: Cli) -> Result<()> {
                 cfg.agent_listen = *l;
             }
             cfg.server_names.extend(server_names.iter().cloned());
+            cfg.check()?;
             let store = open_store(&cli, &cfg)?;
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(serve(cfg, store, ready_file.clone()))

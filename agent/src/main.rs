@@ -104,16 +104,6 @@ enum PolicyCommand {
     },
 }
 
-#[derive(Debug, Subcommand)]
-enum ConfigCommand {
-    /// Validate the configuration file and print every problem.
-    Check,
-}
-
-#[derive(Debug, Args)]
-struct FlowArgs {
-    /// Source address (the host that starts the flow).
-    #[arg(long)]
 #[derive(Debug, Args)]
 struct EnrollArgs {
     /// The controller's main URL, e.g. https://10.90.0.1:8443 (default: [controller] url).
@@ -143,6 +133,16 @@ enum ControllerCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate the configuration file and print every problem.
+    Check,
+}
+
+#[derive(Debug, Args)]
+struct FlowArgs {
+    /// Source address (the host that starts the flow).
+    #[arg(long)]
     src: IpAddr,
     /// Destination address.
     #[arg(long)]
@@ -289,6 +289,8 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Flow(cmd) => flow(&cfg.pins(), cmd),
+        Command::Enroll(args) => enroll(&cfg, args),
+        Command::Controller(ControllerCommand::Status { json }) => controller_status(&cfg, json),
         Command::Stats { json } => stats(&cfg.pins(), json),
         Command::Policy(PolicyCommand::Apply { file, appliance }) => {
             // On stderr: how each layer was changed, and any fallback.
@@ -307,8 +309,6 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Policy(_) | Command::Hwcheck { .. } => Ok(()),
-        Command::Enroll(args) => enroll(&cfg, args),
-        Command::Controller(ControllerCommand::Status { json }) => controller_status(&cfg, json),
         Command::Detach { force } => {
             let n = dataplane::detach(&cfg, force)?;
             println!("detached: forwarding off, {n} pins removed");
@@ -519,6 +519,7 @@ async fn run(cfg: AgentConfig, ready_file: Option<PathBuf>) -> Result<()> {
         std::fs::write(f, "enforcing\n").with_context(|| format!("writing {}", f.display()))?;
     }
     info!(forwarding = airlock_agent::netif::forwarding(), "enforcing");
+    let mut link = airlock_agent::controller::Link::start(&cfg, &mut dp);
 
     let ring = Maps::open_events(&cfg.pins().maps())?;
     // SAFETY: the ring buffer owns its map fd, which stays open and unchanged
@@ -535,9 +536,9 @@ async fn run(cfg: AgentConfig, ready_file: Option<PathBuf>) -> Result<()> {
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM: exiting; the boundary stays attached"); break; }
             _ = int.recv() => { info!("SIGINT: exiting; the boundary stays attached"); break; }
+            ev = link.recv() => link.handle(ev, &cfg, &mut dp),
             _ = budget.tick() => {
                 if let Err(e) = dp.maps.refill_event_budget(cfg.dataplane.events_per_second) {
-    let mut link = airlock_agent::controller::Link::start(&cfg, &mut dp);
                     warn!(error = %e, "cannot refill the drop-event budget");
                 }
             }
@@ -554,7 +555,6 @@ async fn run(cfg: AgentConfig, ready_file: Option<PathBuf>) -> Result<()> {
                 }
                 if let Err(e) = dp.refresh_local_addrs() {
                     warn!(error = %e, "cannot refresh local addresses");
-            ev = link.recv() => link.handle(ev, &cfg, &mut dp),
                 }
                 let problems = dp.problems(&cfg);
                 if !problems.is_empty() {
@@ -712,6 +712,21 @@ fn controller_status(cfg: &AgentConfig, json: bool) -> Result<(), Failure> {
         ),
         _ => println!("last-known-good: none (everything is dropped)"),
     }
+    if let Some(r) = &v.last_refusal {
+        println!("last refusal: bundle version {}: {}", r.version, r.reason);
+    }
+    if v.enrolled {
+        let seen = v.last_contact.map(|t| format!(", last contact {}s ago", now - t as i64));
+        println!(
+            "stream: {}{}",
+            if v.stream_connected { "connected" } else { "not connected" },
+            seen.unwrap_or_default()
+        );
+    }
+    for e in &v.errors {
+        println!("error: {e}");
+    }
+    Ok(())
 }
 
 fn log_counters(
@@ -730,18 +745,3 @@ fn log_counters(
         info!(target: "airlock::counters", deltas = %parts.join(" "), "counters");
     }
 }
-    if let Some(r) = &v.last_refusal {
-        println!("last refusal: bundle version {}: {}", r.version, r.reason);
-    }
-    if v.enrolled {
-        let seen = v.last_contact.map(|t| format!(", last contact {}s ago", now - t as i64));
-        println!(
-            "stream: {}{}",
-            if v.stream_connected { "connected" } else { "not connected" },
-            seen.unwrap_or_default()
-        );
-    }
-    for e in &v.errors {
-        println!("error: {e}");
-    }
-    Ok(())

@@ -88,7 +88,12 @@ impl Lab {
         }
         let mut child = c.spawn().unwrap();
         if let Some(s) = stdin {
-            child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+            // The command may refuse and exit before it reads stdin (a wrong
+            // pin is refused before any password is asked for).
+            match child.stdin.take().unwrap().write_all(s.as_bytes()) {
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                r => r.unwrap(),
+            }
         }
         let o = child.wait_with_output().unwrap();
         Out {

@@ -11,13 +11,9 @@
 use std::sync::Arc;
 
 use rustls::{
-    client::{
-        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
-        WebPkiServerVerifier,
-    },
     crypto::CryptoProvider,
-    pki_types::{pem::PemObject as _, CertificateDer, PrivateKeyDer, ServerName, UnixTime},
-    ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+    pki_types::{pem::PemObject as _, CertificateDer, PrivateKeyDer},
+    ClientConfig, RootCertStore,
 };
 
 use super::identity::Identity;
@@ -36,96 +32,17 @@ pub enum TlsError {
     Root(#[source] rustls::Error),
 }
 
-/// The pinned certificate was not in the chain the server presented.
-#[derive(Debug, thiserror::Error)]
-#[error("no certificate in the server's chain matches the pinned CA fingerprint")]
-pub struct PinMismatch;
+pub use airlock_proto::pin::{PinMismatch, PinnedCaVerifier};
 
 /// The ring provider (never aws-lc-rs).
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+#[cfg(test)]
 fn sha256(der: &[u8]) -> [u8; 32] {
     use sha2::{Digest as _, Sha256};
     Sha256::digest(der).into()
-}
-
-/// Accepts a server whose chain contains the pinned CA and whose leaf that CA
-/// verifies.
-#[derive(Debug)]
-pub struct PinnedCaVerifier {
-    pin: [u8; 32],
-    provider: Arc<CryptoProvider>,
-}
-
-impl PinnedCaVerifier {
-    /// A verifier for the CA whose DER hashes (SHA-256) to `pin`.
-    pub fn new(pin: [u8; 32], provider: Arc<CryptoProvider>) -> Self {
-        Self { pin, provider }
-    }
-}
-
-impl ServerCertVerifier for PinnedCaVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let other = |e: Arc<dyn std::error::Error + Send + Sync>| {
-            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
-                e,
-            )))
-        };
-        let ca = std::iter::once(end_entity)
-            .chain(intermediates)
-            .find(|c| sha256(c) == self.pin)
-            .ok_or_else(|| other(Arc::new(PinMismatch)))?;
-        let mut roots = RootCertStore::empty();
-        roots.add(ca.clone().into_owned())?;
-        let inner = WebPkiServerVerifier::builder_with_provider(
-            Arc::new(roots),
-            Arc::clone(&self.provider),
-        )
-        .build()
-        .map_err(|e| other(Arc::new(e)))?;
-        inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 fn finish(mut cfg: ClientConfig) -> Arc<ClientConfig> {
@@ -180,6 +97,10 @@ pub fn agent_config(id: &Identity) -> Result<Arc<ClientConfig>, TlsError> {
 mod tests {
     use super::*;
     use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    use rustls::{
+        client::danger::{ServerCertVerified, ServerCertVerifier as _},
+        pki_types::{ServerName, UnixTime},
+    };
 
     struct Pki {
         ca_der: Vec<u8>,

@@ -10,13 +10,9 @@
 use std::sync::Arc;
 
 use rustls::{
-    client::{
-        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
-        WebPkiServerVerifier,
-    },
     crypto::CryptoProvider,
-    pki_types::{pem::PemObject as _, CertificateDer, ServerName, UnixTime},
-    ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+    pki_types::{pem::PemObject as _, CertificateDer},
+    ClientConfig, RootCertStore,
 };
 
 /// How the controller's certificate is trusted.
@@ -42,10 +38,7 @@ pub enum TlsSetupError {
     Root(#[source] rustls::Error),
 }
 
-/// No certificate in the presented chain hashes to the pin.
-#[derive(Debug, thiserror::Error)]
-#[error("no certificate in the chain the controller presented matches the pinned fingerprint")]
-pub struct PinMismatch;
+pub use airlock_proto::pin::{PinMismatch, PinnedCaVerifier};
 
 /// The ring provider (never aws-lc-rs).
 pub fn provider() -> Arc<CryptoProvider> {
@@ -64,65 +57,6 @@ pub fn find_pinned<'a>(
     chain.iter().find(|c| fingerprint_bytes(c).as_ref() == Some(pin))
 }
 
-/// Accepts a server whose chain contains the pinned certificate and whose
-/// leaf verifies with that certificate as the only root.
-#[derive(Debug)]
-pub struct PinnedCaVerifier {
-    pin: [u8; 32],
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for PinnedCaVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let other = |e: Arc<dyn std::error::Error + Send + Sync>| {
-            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
-                e,
-            )))
-        };
-        let ca = std::iter::once(end_entity)
-            .chain(intermediates)
-            .find(|c| fingerprint_bytes(c).as_ref() == Some(&self.pin))
-            .ok_or_else(|| other(Arc::new(PinMismatch)))?;
-        let mut roots = RootCertStore::empty();
-        roots.add(ca.clone().into_owned())?;
-        WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&self.provider))
-            .build()
-            .map_err(|e| other(Arc::new(e)))?
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        let algs = &self.provider.signature_verification_algorithms;
-        rustls::crypto::verify_tls12_signature(message, cert, dss, algs)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        let algs = &self.provider.signature_verification_algorithms;
-        rustls::crypto::verify_tls13_signature(message, cert, dss, algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
-    }
-}
-
 /// The client configuration for `trust` (HTTP/1.1, no client certificate).
 pub fn client_config(trust: &Trust) -> Result<Arc<ClientConfig>, TlsSetupError> {
     let p = provider();
@@ -132,7 +66,7 @@ pub fn client_config(trust: &Trust) -> Result<Arc<ClientConfig>, TlsSetupError> 
     let mut cfg = match trust {
         Trust::Pin(pin) => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedCaVerifier { pin: *pin, provider: p }))
+            .with_custom_certificate_verifier(Arc::new(PinnedCaVerifier::new(*pin, p)))
             .with_no_client_auth(),
         Trust::Ca(pem) => {
             let ca =

@@ -14,6 +14,8 @@
 pub mod admin;
 pub mod agent;
 pub mod bundle;
+#[cfg(feature = "pin")]
+pub mod pin;
 
 pub use bundle::{key_id, BundleError, PolicyBundle, SignedBundle, BUNDLE_FORMAT};
 

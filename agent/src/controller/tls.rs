@@ -52,13 +52,8 @@ fn finish(mut cfg: ClientConfig) -> Arc<ClientConfig> {
 
 /// Enrollment: server authentication through the pin, no client certificate.
 pub fn enroll_config(pin: [u8; 32]) -> Result<Arc<ClientConfig>, TlsError> {
-    let p = provider();
-    let cfg = ClientConfig::builder_with_provider(Arc::clone(&p))
-        .with_safe_default_protocol_versions()
-        .map_err(TlsError::Config)?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedCaVerifier::new(pin, p)))
-        .with_no_client_auth();
+    let cfg =
+        airlock_proto::pin::pinned_client_config(pin, provider()).map_err(TlsError::Config)?;
     Ok(finish(cfg))
 }
 

@@ -38,7 +38,7 @@ pub enum TlsSetupError {
     Root(#[source] rustls::Error),
 }
 
-pub use airlock_proto::pin::{PinMismatch, PinnedCaVerifier};
+pub use airlock_proto::pin::PinMismatch;
 
 /// The ring provider (never aws-lc-rs).
 pub fn provider() -> Arc<CryptoProvider> {
@@ -59,21 +59,19 @@ pub fn find_pinned<'a>(
 
 /// The client configuration for `trust` (HTTP/1.1, no client certificate).
 pub fn client_config(trust: &Trust) -> Result<Arc<ClientConfig>, TlsSetupError> {
-    let p = provider();
-    let builder = ClientConfig::builder_with_provider(Arc::clone(&p))
-        .with_safe_default_protocol_versions()
-        .map_err(TlsSetupError::Config)?;
     let mut cfg = match trust {
-        Trust::Pin(pin) => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedCaVerifier::new(*pin, p)))
-            .with_no_client_auth(),
+        Trust::Pin(pin) => airlock_proto::pin::pinned_client_config(*pin, provider())
+            .map_err(TlsSetupError::Config)?,
         Trust::Ca(pem) => {
             let ca =
                 CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|_| TlsSetupError::Pem)?;
             let mut roots = RootCertStore::empty();
             roots.add(ca).map_err(TlsSetupError::Root)?;
-            builder.with_root_certificates(roots).with_no_client_auth()
+            ClientConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .map_err(TlsSetupError::Config)?
+                .with_root_certificates(roots)
+                .with_no_client_auth()
         }
     };
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];

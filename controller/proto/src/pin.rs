@@ -4,9 +4,11 @@
 //! [`PinnedCaVerifier`] accepts a server only when a certificate in the chain
 //! it presents hashes (SHA-256 over DER) to the pin, and the leaf then
 //! verifies — chain, dates, server name, signatures — with that certificate as
-//! the only root. Nothing from any system store is trusted. It is installed
-//! through rustls' `dangerous()` builder only because it is a custom
-//! verifier; it verifies fully.
+//! the only root. Nothing from any system store is trusted.
+//!
+//! [`pinned_client_config`] is the one place that installs it: rustls offers
+//! custom server verifiers only through its `dangerous()` builder, although
+//! this one verifies fully (pin, then the whole webpki check).
 
 use std::sync::Arc;
 
@@ -17,8 +19,22 @@ use rustls::{
     },
     crypto::CryptoProvider,
     pki_types::{CertificateDer, ServerName, UnixTime},
-    DigitallySignedStruct, RootCertStore, SignatureScheme,
+    ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
+
+/// A client configuration (rustls' safe default protocol versions, no client
+/// certificate) that trusts the server only through [`PinnedCaVerifier`].
+pub fn pinned_client_config(
+    pin: [u8; 32],
+    provider: Arc<CryptoProvider>,
+) -> Result<ClientConfig, rustls::Error> {
+    let verifier = Arc::new(PinnedCaVerifier::new(pin, Arc::clone(&provider)));
+    Ok(ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth())
+}
 
 /// No certificate in the presented chain hashes to the pin.
 #[derive(Debug, thiserror::Error)]

@@ -37,6 +37,8 @@ pub fn health(dp: &Dataplane, cfg: &AgentConfig) -> Health {
         flows,
         counters,
         tunnels: Vec::new(),
+        ports: Vec::new(),
+        recent_drops: Vec::new(),
     }
 }
 
@@ -47,6 +49,7 @@ pub fn build(status: &SyncStatus, health: Health) -> Report {
         policy_version: status.policy_version,
         refused: status.refused.clone(),
         health,
+        wireguard_public_key: None,
     }
 }
 

@@ -79,6 +79,10 @@ pub struct Report {
     pub refused: Option<Refusal>,
     /// Health.
     pub health: Health,
+    /// The appliance's WireGuard public key (base64), generated on the box;
+    /// external services are configured with it. `None` until it has one.
+    #[serde(default)]
+    pub wireguard_public_key: Option<String>,
 }
 
 /// A refused bundle.
@@ -107,6 +111,52 @@ pub struct Health {
     pub counters: BTreeMap<String, u64>,
     /// WireGuard tunnels (empty until the push issue brings them).
     pub tunnels: Vec<TunnelState>,
+    /// The ports the agent guards, with their roles.
+    #[serde(default)]
+    pub ports: Vec<PortState>,
+    /// The newest drop events (at most [`RECENT_DROPS`], newest last).
+    #[serde(default)]
+    pub recent_drops: Vec<DropRecord>,
+}
+
+/// How many drop events a report carries at most.
+pub const RECENT_DROPS: usize = 50;
+
+/// One guarded port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct PortState {
+    /// Interface name.
+    pub name: String,
+    /// `patient`, `uplink` or `management`.
+    pub role: String,
+    /// How the XDP program is attached (`native`, `generic`), or `detached`.
+    pub xdp_mode: String,
+    /// The boundary programs are attached to it now.
+    pub attached: bool,
+}
+
+/// One dropped packet, as the kernel reported it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct DropRecord {
+    /// Unix seconds when the agent read the event.
+    pub at: u64,
+    /// The dataplane's reason code, e.g. `drop_no_flow`, `drop_expired`.
+    pub reason: String,
+    /// What caused it: `default deny`, or the rule that no longer allows it
+    /// (`rule <id>` for an expired entry).
+    pub cause: String,
+    /// Ingress port name.
+    pub port: String,
+    /// Source address, when the frame was IP.
+    pub src: Option<String>,
+    /// Destination address.
+    pub dst: Option<String>,
+    /// IP protocol number (0 when not IP).
+    pub proto: u8,
+    /// Destination port (0 when none).
+    pub dport: u16,
 }
 
 /// One WireGuard peer's state.

@@ -19,6 +19,9 @@
 //!   (flows, stats), restart and signals; detached and cleaned up on drop.
 //! - [`Controller`]: `airlock-controller serve` in the controller namespace;
 //!   [`ControllerApi`]: an HTTPS client for its admin API, pinned to its CA.
+//! - [`Browser`]: headless Chromium through chromedriver (WebDriver), trusting
+//!   the controller's CA for real, for the web UI's tests; screenshots under
+//!   `target/ui-artifacts/`.
 //! - [`Lab`]: all together; with a controller the appliance enrolls itself
 //!   and enforces the controller's policy. [`LabStatus`]: the stable JSON of
 //!   `lab status`.
@@ -31,6 +34,7 @@
 
 mod agent;
 mod agent_formats;
+pub mod browser;
 mod cmd;
 mod controller;
 mod controller_api;
@@ -52,6 +56,7 @@ pub use agent_formats::{
 pub use airlock_proto::admin::{
     ApplianceState, ApplianceView, EnrollmentToken, PolicyVersionSummary,
 };
+pub use browser::{Browser, BrowserOptions, Element};
 pub use controller::{
     Controller, ControllerOptions, ControllerRecord, ADMIN_USER, CONTROLLER_READY_TIMEOUT,
 };

@@ -55,6 +55,11 @@ const APT_PACKAGES: &[&str] = &[
     "libslirp0",
     "liburing2",
     "libvdeplug2",
+    // The web UI's browser tests (airlock_testbed::Browser): headless Chromium
+    // through chromedriver; certutil imports the controller's CA per session.
+    "chromium",
+    "chromium-driver",
+    "libnss3-tools",
 ];
 
 /// Debian 12's QEMU, unpacked (not installed: its qemu-system-common conflicts
@@ -85,6 +90,7 @@ const BPF_LINKER_VERSION: &str = "^0.13";
 
 pub fn run() -> Result<()> {
     apt_packages()?;
+    browser()?;
     rust_components()?;
     bpf_linker()?;
     cargo_fuzz()?;
@@ -116,6 +122,31 @@ fn qemu() -> Result<()> {
     let v = capture(Command::new(&bin).arg("--version"))?;
     step.ok_with(v.lines().next().unwrap_or_default().to_owned());
     Ok(())
+}
+
+/// Chromium and chromedriver come from the same Debian source package; a
+/// driver for another major version cannot start sessions.
+fn browser() -> Result<()> {
+    let step = Step::start("checking chromium and chromedriver versions");
+    let chromium = capture(Command::new("chromium").arg("--version"))?;
+    let driver = capture(Command::new("chromedriver").arg("--version"))?;
+    let (c, d) = (major_version(&chromium), major_version(&driver));
+    if c.is_none() || c != d {
+        bail!("chromium ({}) and chromedriver ({}) differ", chromium.trim(), driver.trim());
+    }
+    step.ok_with(format!("{} / {}", chromium.trim(), first_two_words(&driver)));
+    Ok(())
+}
+
+/// `Chromium 156.0.8078.79 built on Debian …` → 156.
+fn major_version(version: &str) -> Option<u32> {
+    version
+        .split_whitespace()
+        .find_map(|w| w.split('.').next()?.parse().ok().filter(|_| w.contains('.')))
+}
+
+fn first_two_words(s: &str) -> String {
+    s.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
 }
 
 /// cargo-fuzz runs the fuzz targets' smoke test.
@@ -308,6 +339,19 @@ mod tests {
         assert_eq!(llvm_major("libLLVM.so.22.1-rust-1.97.0-nightly"), Some(22));
         assert_eq!(llvm_major("libLLVM.so.23-rust-1.99.0-nightly"), Some(23));
         assert_eq!(llvm_major("libfoo.so"), None);
+    }
+
+    #[test]
+    fn browser_major_versions() {
+        assert_eq!(
+            major_version("Chromium 156.0.8078.79 built on Debian GNU/Linux 12 (bookworm)"),
+            Some(156)
+        );
+        assert_eq!(
+            major_version("ChromeDriver 156.0.8078.79 (abc-refs/branch-heads/1@{#1})"),
+            Some(156)
+        );
+        assert_eq!(major_version("no version here"), None);
     }
 
     #[test]

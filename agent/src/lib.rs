@@ -31,3 +31,4 @@ pub mod nft_netlink;
 pub mod nftables;
 pub mod policy_cmd;
 pub mod store;
+pub mod update;

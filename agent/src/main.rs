@@ -78,6 +78,66 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A/B image updates: apply a signed bundle to the inactive slot (trial boot),
+    /// show the slots' boot entries. See image/README.md.
+    #[command(subcommand)]
+    Update(UpdateCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum UpdateCommand {
+    /// Verify a signed update bundle, then write it to the inactive root slot and
+    /// install its trial boot entry (the next boot tries it; the previous slot
+    /// boots again if it is not marked good within its tries).
+    Apply {
+        /// The bundle file (or a block device holding it).
+        bundle: PathBuf,
+        /// Boot tries the new slot gets before the previous one boots again (1-9).
+        #[arg(long, default_value_t = airlock_agent::update::DEFAULT_TRIES)]
+        tries: u32,
+        /// Try again a release whose trial boots already failed here.
+        #[arg(long)]
+        retry: bool,
+        #[command(flatten)]
+        system: UpdateSystem,
+    },
+    /// The running slot and release, and every slot's boot entry with its state.
+    Status {
+        #[command(flatten)]
+        system: UpdateSystem,
+    },
+}
+
+/// Where the running system's pieces are (defaults: the appliance's).
+#[derive(Debug, Args)]
+struct UpdateSystem {
+    /// The ESP's EFI/Linux directory.
+    #[arg(long, default_value = "/efi/EFI/Linux")]
+    uki_dir: PathBuf,
+    /// The update signing key (public, 64 hex digits).
+    #[arg(long, default_value = "/usr/share/airlock/image-signing.pub")]
+    public_key: PathBuf,
+    /// The running image's release number.
+    #[arg(long, default_value = "/usr/share/airlock/release")]
+    release_file: PathBuf,
+    /// The kernel command line (airlock.slot=).
+    #[arg(long, default_value = "/proc/cmdline")]
+    cmdline: PathBuf,
+    /// Directory of the slots' block devices by GPT name.
+    #[arg(long, default_value = "/dev/disk/by-partlabel")]
+    partitions: PathBuf,
+}
+
+impl UpdateSystem {
+    fn system(&self) -> airlock_agent::update::System {
+        airlock_agent::update::System {
+            uki_dir: self.uki_dir.clone(),
+            public_key: self.public_key.clone(),
+            release_file: self.release_file.clone(),
+            cmdline: self.cmdline.clone(),
+            partitions: self.partitions.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -258,6 +318,10 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
         | PolicyCmdError::UnknownAppliance { .. } => usage(e),
         other => Failure::Other(other.into()),
     };
+    // Updates need no agent configuration either.
+    if let Command::Update(cmd) = cli.command {
+        return update(cmd);
+    }
     // Checking and diffing files needs no agent configuration.
     match &cli.command {
         Command::Hwcheck { profile, json } => {
@@ -308,10 +372,51 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             );
             Ok(())
         }
-        Command::Policy(_) | Command::Hwcheck { .. } => Ok(()),
+        Command::Policy(_) | Command::Hwcheck { .. } | Command::Update(_) => Ok(()),
         Command::Detach { force } => {
             let n = dataplane::detach(&cfg, force)?;
             println!("detached: forwarding off, {n} pins removed");
+            Ok(())
+        }
+    }
+}
+
+/// `update apply|status`: no agent configuration needed.
+fn update(cmd: UpdateCommand) -> Result<(), Failure> {
+    use airlock_agent::update::{self, ApplyOptions, UpdateError};
+    match cmd {
+        UpdateCommand::Apply { bundle, tries, retry, system } => {
+            if !(1..=update::MAX_TRIES).contains(&tries) {
+                return Err(usage(anyhow::anyhow!("--tries must be 1-{}", update::MAX_TRIES)));
+            }
+            let started = std::time::Instant::now();
+            let mut progress = |l: &str| println!("airlock-update: {l}");
+            match update::apply(
+                &bundle,
+                &system.system(),
+                ApplyOptions { tries, retry },
+                &mut progress,
+            ) {
+                Ok(done) => {
+                    println!(
+                        "airlock-update: applied release {} ({}) to slot {} in {:.1} s; trial boot \
+                         entry {} is the default for the next boot",
+                        done.release,
+                        done.image_version,
+                        done.slot,
+                        started.elapsed().as_secs_f64(),
+                        done.entry
+                    );
+                    Ok(())
+                }
+                Err(e @ (UpdateError::Io { .. } | UpdateError::ReadBack { .. })) => {
+                    Err(Failure::Other(e.into()))
+                }
+                Err(e) => Err(usage(anyhow::anyhow!("refused: {e}"))),
+            }
+        }
+        UpdateCommand::Status { system } => {
+            print!("{}", update::status(&system.system()).map_err(anyhow::Error::from)?);
             Ok(())
         }
     }

@@ -1,0 +1,1082 @@
+//! A/B updates of the appliance image: signed bundles, the two root slots and
+//! systemd-boot's trial entries with boot counting.
+//!
+//! A bundle is a ustar archive of `manifest.json`, `manifest.json.sig`
+//! (Ed25519 over the manifest's bytes, hex, as `cargo xtask image` signs the
+//! image), `root.img` (erofs + its dm-verity hash tree) and `uki-a.efi`,
+//! `uki-b.efi` (the same kernel with each slot's command line and root hash).
+//! Built by `cargo xtask image update-bundle`.
+//!
+//! `update apply` ([`apply`]) verifies everything before it writes anything:
+//! the signature with the key in the verity-protected root, the manifest,
+//! that the release is newer than the running one, that the file sizes match
+//! the manifest and fit the partition, and the SHA-256 of the slot image and
+//! of the UKI it installs. Then it removes the inactive slot's old boot entry,
+//! writes the slot, drops the page cache and reads it back, and installs the
+//! UKI as `airlock-<release>-<slot>+<tries>.efi`. systemd-boot boots the
+//! entry with the highest release that has tries left, counting each try in
+//! the file name; `systemd-bless-boot` renames it to `airlock-<release>-<slot>.efi`
+//! once `boot-complete.target` is reached (the image's boot check: the agent
+//! enforces its policy). When the tries run out, the entry sorts last and the
+//! previous slot boots again.
+//!
+//! The pure parts (tar index, manifest verification, applicability, entry
+//! names) take bytes and values; [`apply`] does the IO around them.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::{Read, Seek, SeekFrom, Write as _},
+    path::{Path, PathBuf},
+};
+
+use ed25519_dalek::{Signature, VerifyingKey};
+use sha2::{Digest as _, Sha256};
+
+/// The only bundle format this agent reads.
+pub const FORMAT: u32 = 1;
+pub const MANIFEST: &str = "manifest.json";
+pub const SIGNATURE: &str = "manifest.json.sig";
+pub const ROOT_IMAGE: &str = "root.img";
+/// Tries a trial entry gets unless told otherwise.
+pub const DEFAULT_TRIES: u32 = 3;
+/// systemd-boot's boot counters are single digits here (1..=9).
+pub const MAX_TRIES: u32 = 9;
+const MAX_MANIFEST: u64 = 64 * 1024;
+const MAX_UKI: u64 = 256 * 1024 * 1024;
+
+/// Where the running system keeps what `apply` needs.
+#[derive(Debug, Clone)]
+pub struct System {
+    /// The ESP's `EFI/Linux` directory (UKIs, one per slot).
+    pub uki_dir: PathBuf,
+    /// The update key (64 hex digits), in the verity-protected root.
+    pub public_key: PathBuf,
+    /// The running image's release number, in the verity-protected root.
+    pub release_file: PathBuf,
+    /// The kernel command line (`airlock.slot=a|b`).
+    pub cmdline: PathBuf,
+    /// Directory holding the slots' block devices by GPT name
+    /// (`airlock-root-a`, `airlock-root-b`).
+    pub partitions: PathBuf,
+}
+
+impl Default for System {
+    fn default() -> Self {
+        System {
+            uki_dir: "/efi/EFI/Linux".into(),
+            public_key: "/usr/share/airlock/image-signing.pub".into(),
+            release_file: "/usr/share/airlock/release".into(),
+            cmdline: "/proc/cmdline".into(),
+            partitions: "/dev/disk/by-partlabel".into(),
+        }
+    }
+}
+
+/// Why an update was refused or failed. Every refusal before [`Applied`]
+/// happens before anything is written, unless the variant says otherwise.
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("not an update bundle: {0}")]
+    NotABundle(String),
+    #[error("the bundle has no {0}")]
+    Missing(&'static str),
+    #[error("the bundle is not signed (no {SIGNATURE}): refused")]
+    Unsigned,
+    #[error(
+        "the bundle's signature does not verify with this appliance's update key \
+         (signed by another key, or the manifest was changed): refused"
+    )]
+    BadSignature,
+    #[error("the update key {0} is not an Ed25519 public key (64 hex digits)")]
+    BadKey(PathBuf),
+    #[error("invalid manifest: {0}")]
+    Manifest(String),
+    #[error(
+        "release {bundle} is not newer than the running release {running}: downgrades \
+         and re-installs are refused"
+    )]
+    Downgrade { bundle: u64, running: u64 },
+    #[error(
+        "release {release} already failed its trial boots on this appliance (boot entry \
+         {entry}); pass --retry to try it again"
+    )]
+    FailedBefore { release: u64, entry: String },
+    #[error(
+        "the running slot {slot} is itself on trial (boot entry {entry}) and not yet marked \
+         good: updating now would overwrite the only known-good slot"
+    )]
+    RunningOnTrial { slot: Slot, entry: String },
+    #[error("{file} is {actual} bytes in the bundle but the manifest says {manifest}: refused")]
+    WrongSize { file: String, manifest: u64, actual: u64 },
+    #[error("the slot image ({size} bytes) does not fit partition {partition} ({capacity} bytes)")]
+    TooLarge { size: u64, partition: String, capacity: u64 },
+    #[error(
+        "{file} does not match the signed manifest (sha256 {actual}, expected {expected}): refused"
+    )]
+    Checksum { file: String, expected: String, actual: String },
+    #[error(
+        "slot {slot} read back differs from the bundle (sha256 {actual}, expected {expected}); \
+         no boot entry was installed for it"
+    )]
+    ReadBack { slot: Slot, expected: String, actual: String },
+    #[error("cannot tell the running system: {0}")]
+    Running(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> UpdateError {
+    let what = what.into();
+    move |source| UpdateError::Io { what, source }
+}
+
+/// A root slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Slot {
+    A,
+    B,
+}
+
+impl Slot {
+    pub fn other(self) -> Slot {
+        match self {
+            Slot::A => Slot::B,
+            Slot::B => Slot::A,
+        }
+    }
+
+    pub fn letter(self) -> char {
+        match self {
+            Slot::A => 'a',
+            Slot::B => 'b',
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Slot> {
+        match s {
+            "a" => Some(Slot::A),
+            "b" => Some(Slot::B),
+            _ => None,
+        }
+    }
+
+    /// The slot's GPT partition name.
+    pub fn partition(self) -> String {
+        format!("airlock-root-{}", self.letter())
+    }
+
+    /// The bundle's UKI for this slot.
+    pub fn uki_file(self) -> String {
+        format!("uki-{}.efi", self.letter())
+    }
+}
+
+impl std::fmt::Display for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.letter())
+    }
+}
+
+/// One file named by the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRef {
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// The slot image: erofs followed by its dm-verity hash tree.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RootRef {
+    pub size: u64,
+    pub sha256: String,
+    pub root_hash: String,
+    pub hash_offset: u64,
+}
+
+/// `manifest.json`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format: u32,
+    /// Increases with every image; an appliance only takes a higher one.
+    pub release: u64,
+    pub image_version: String,
+    pub root: RootRef,
+    /// `uki-a.efi`, `uki-b.efi`.
+    pub ukis: BTreeMap<String, FileRef>,
+}
+
+fn is_hex(s: &str, len: usize) -> bool {
+    s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {
+    let t = text.trim();
+    if t.len() != 2 * N {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(t.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Checks the signature over the manifest's bytes, then parses and checks
+/// the manifest. Nothing in an unsigned or wrongly signed manifest is looked at.
+pub fn verify_manifest(
+    manifest: &[u8],
+    signature_hex: &str,
+    public_key_hex: &str,
+    key_path: &Path,
+) -> Result<Manifest, UpdateError> {
+    let pk = unhex::<32>(public_key_hex).ok_or_else(|| UpdateError::BadKey(key_path.into()))?;
+    let vk = VerifyingKey::from_bytes(&pk).map_err(|_| UpdateError::BadKey(key_path.into()))?;
+    let sig = unhex::<64>(signature_hex).ok_or(UpdateError::BadSignature)?;
+    vk.verify_strict(manifest, &Signature::from_bytes(&sig))
+        .map_err(|_| UpdateError::BadSignature)?;
+    let m: Manifest =
+        serde_json::from_slice(manifest).map_err(|e| UpdateError::Manifest(e.to_string()))?;
+    let bad = |what: &str| Err(UpdateError::Manifest(what.to_owned()));
+    if m.format != FORMAT {
+        return bad(&format!("format {} (this agent reads format {FORMAT})", m.format));
+    }
+    if m.release == 0 {
+        return bad("release must be 1 or more");
+    }
+    if !is_hex(&m.root.sha256, 64) || !is_hex(&m.root.root_hash, 64) {
+        return bad("root.sha256 and root.root_hash must be 64 lowercase hex digits");
+    }
+    if m.root.hash_offset == 0
+        || !m.root.hash_offset.is_multiple_of(4096)
+        || m.root.hash_offset >= m.root.size
+    {
+        return bad("root.hash_offset must be a non-zero multiple of 4096 below root.size");
+    }
+    for slot in [Slot::A, Slot::B] {
+        match m.ukis.get(&slot.uki_file()) {
+            Some(f) if is_hex(&f.sha256, 64) && f.size > 0 && f.size <= MAX_UKI => {}
+            _ => return bad(&format!("ukis.\"{}\" is missing or invalid", slot.uki_file())),
+        }
+    }
+    if m.ukis.len() != 2 {
+        return bad("ukis must name exactly uki-a.efi and uki-b.efi");
+    }
+    Ok(m)
+}
+
+/// A UKI on the ESP: `airlock-<release>-<slot>[+<left>[-<done>]].efi`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootEntry {
+    pub release: u64,
+    pub slot: Slot,
+    /// None: marked good (no counter). Some(0): the tries ran out.
+    pub tries_left: Option<u32>,
+    pub tries_done: u32,
+}
+
+impl BootEntry {
+    /// A new trial entry's file name.
+    pub fn trial(release: u64, slot: Slot, tries: u32) -> BootEntry {
+        BootEntry { release, slot, tries_left: Some(tries), tries_done: 0 }
+    }
+
+    pub fn file_name(&self) -> String {
+        let base = format!("airlock-{}-{}", self.release, self.slot);
+        match self.tries_left {
+            None => format!("{base}.efi"),
+            Some(l) if self.tries_done == 0 => format!("{base}+{l}.efi"),
+            Some(l) => format!("{base}+{l}-{}.efi", self.tries_done),
+        }
+    }
+
+    /// Parses a file name in `EFI/Linux`; None for anything else.
+    pub fn parse(name: &str) -> Option<BootEntry> {
+        let stem = name.strip_suffix(".efi")?.strip_prefix("airlock-")?;
+        let (main, counter) = match stem.split_once('+') {
+            Some((m, c)) => (m, Some(c)),
+            None => (stem, None),
+        };
+        let (release, slot) = main.split_once('-')?;
+        if release.is_empty() || !release.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let release = release.parse().ok()?;
+        let slot = Slot::parse(slot)?;
+        let num = |s: &str| {
+            (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse().ok())?
+        };
+        let (tries_left, tries_done) = match counter {
+            None => (None, 0),
+            Some(c) => match c.split_once('-') {
+                Some((l, d)) => (Some(num(l)?), num(d)?),
+                None => (Some(num(c)?), 0),
+            },
+        };
+        Some(BootEntry { release, slot, tries_left, tries_done })
+    }
+
+    /// Marked good by systemd-bless-boot.
+    pub fn is_good(&self) -> bool {
+        self.tries_left.is_none()
+    }
+
+    /// The tries ran out: systemd-boot sorts it last and boots another.
+    pub fn is_failed(&self) -> bool {
+        self.tries_left == Some(0)
+    }
+
+    pub fn state(&self) -> String {
+        match self.tries_left {
+            None => "good".to_owned(),
+            Some(0) => format!("failed ({} tries used)", self.tries_done),
+            Some(l) => format!("on trial ({l} tries left, {} used)", self.tries_done),
+        }
+    }
+}
+
+/// The running system as far as the update cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Running {
+    pub slot: Slot,
+    pub release: u64,
+}
+
+/// What [`apply`] will do, decided before anything is written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub target: Slot,
+    /// Entries of the target slot to remove before its partition is written
+    /// (they would boot a slot being overwritten).
+    pub remove: Vec<String>,
+    /// The trial entry to install last.
+    pub entry: BootEntry,
+}
+
+/// Decides whether a verified manifest may be applied and how.
+pub fn plan(
+    m: &Manifest,
+    running: Running,
+    entries: &[String],
+    partition_capacity: u64,
+    tries: u32,
+    retry: bool,
+) -> Result<Plan, UpdateError> {
+    if m.release <= running.release {
+        return Err(UpdateError::Downgrade { bundle: m.release, running: running.release });
+    }
+    let parsed: Vec<(String, BootEntry)> =
+        entries.iter().filter_map(|n| BootEntry::parse(n).map(|e| (n.clone(), e))).collect();
+    if let Some((name, _)) = parsed
+        .iter()
+        .find(|(_, e)| e.slot == running.slot && e.release == running.release && !e.is_good())
+    {
+        return Err(UpdateError::RunningOnTrial { slot: running.slot, entry: name.clone() });
+    }
+    if !retry {
+        if let Some((name, _)) =
+            parsed.iter().find(|(_, e)| e.release == m.release && e.is_failed())
+        {
+            return Err(UpdateError::FailedBefore { release: m.release, entry: name.clone() });
+        }
+    }
+    let target = running.slot.other();
+    if m.root.size > partition_capacity {
+        return Err(UpdateError::TooLarge {
+            size: m.root.size,
+            partition: target.partition(),
+            capacity: partition_capacity,
+        });
+    }
+    let remove = parsed.iter().filter(|(_, e)| e.slot == target).map(|(n, _)| n.clone()).collect();
+    Ok(Plan {
+        target,
+        remove,
+        entry: BootEntry::trial(m.release, target, tries.clamp(1, MAX_TRIES)),
+    })
+}
+
+/// The slot and release of the running system: `airlock.slot=` on the
+/// command line, the release file of its root.
+pub fn parse_running(cmdline: &str, release: &str) -> Result<Running, UpdateError> {
+    let slot = cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("airlock.slot="))
+        .and_then(Slot::parse)
+        .ok_or_else(|| {
+            UpdateError::Running("no airlock.slot=a|b on the kernel command line".into())
+        })?;
+    let release = release
+        .trim()
+        .parse()
+        .map_err(|_| UpdateError::Running(format!("release file holds {:?}", release.trim())))?;
+    Ok(Running { slot, release })
+}
+
+/// One member of a ustar archive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Member {
+    pub offset: u64,
+    pub size: u64,
+}
+
+fn octal(field: &[u8]) -> Option<u64> {
+    let s = std::str::from_utf8(field).ok()?;
+    let s = s.trim_matches(|c: char| c == '\0' || c == ' ');
+    if s.is_empty() {
+        return Some(0);
+    }
+    u64::from_str_radix(s, 8).ok()
+}
+
+/// The regular files of a ustar archive, by name, with where their data is.
+pub fn tar_index(r: &mut (impl Read + Seek)) -> Result<BTreeMap<String, Member>, UpdateError> {
+    let mut out = BTreeMap::new();
+    let mut at = 0u64;
+    let not = |what: &str| UpdateError::NotABundle(what.to_owned());
+    loop {
+        let mut h = [0u8; 512];
+        r.seek(SeekFrom::Start(at)).map_err(io("reading the bundle"))?;
+        match r.read_exact(&mut h) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !out.is_empty() => break,
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Err(not("shorter than a tar header"))
+            }
+            Err(e) => return Err(io("reading the bundle")(e)),
+        }
+        if h.iter().all(|&b| b == 0) {
+            break;
+        }
+        let sum = octal(&h[148..156]).ok_or_else(|| not("bad tar header checksum field"))?;
+        let calc: u64 = h
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| if (148..156).contains(&i) { 32 } else { u64::from(b) })
+            .sum();
+        if sum != calc {
+            return Err(not("tar header checksum mismatch"));
+        }
+        let name_end = h[..100].iter().position(|&b| b == 0).unwrap_or(100);
+        let name = std::str::from_utf8(&h[..name_end]).map_err(|_| not("member name"))?;
+        let name = name.trim_start_matches("./").to_owned();
+        let size = octal(&h[124..136]).ok_or_else(|| not("member size"))?;
+        let kind = h[156];
+        if (kind == b'0' || kind == 0)
+            && !name.is_empty()
+            && out.insert(name.clone(), Member { offset: at + 512, size }).is_some()
+        {
+            return Err(UpdateError::NotABundle(format!("{name} appears twice")));
+        }
+        at += 512 + size.div_ceil(512) * 512;
+    }
+    if out.is_empty() {
+        return Err(not("no files"));
+    }
+    Ok(out)
+}
+
+/// SHA-256 of `len` bytes from `r`, optionally copied into `w`.
+fn hash_copy(
+    r: &mut impl Read,
+    len: u64,
+    mut w: Option<&mut fs::File>,
+    what: &str,
+    progress: &mut dyn FnMut(&str),
+) -> Result<String, UpdateError> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = len;
+    let mut next_report = 0u64;
+    while left > 0 {
+        let n = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        r.read_exact(&mut buf[..n]).map_err(io(format!("{what}: reading")))?;
+        h.update(&buf[..n]);
+        if let Some(w) = w.as_deref_mut() {
+            w.write_all(&buf[..n]).map_err(io(format!("{what}: writing")))?;
+        }
+        left -= n as u64;
+        let done = len - left;
+        if done >= next_report {
+            progress(&format!("{what}: {} of {} MiB", done >> 20, len.div_ceil(1 << 20)));
+            next_report = done + (32 << 20);
+        }
+    }
+    Ok(hex(&h.finalize()))
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn read_member(
+    f: &mut fs::File,
+    members: &BTreeMap<String, Member>,
+    name: &'static str,
+    limit: u64,
+) -> Result<Vec<u8>, UpdateError> {
+    let m = members.get(name).ok_or(UpdateError::Missing(name))?;
+    if m.size > limit {
+        return Err(UpdateError::NotABundle(format!("{name} is larger than {limit} bytes")));
+    }
+    f.seek(SeekFrom::Start(m.offset)).map_err(io("reading the bundle"))?;
+    let mut v = vec![0u8; usize::try_from(m.size).unwrap_or(0)];
+    f.read_exact(&mut v).map_err(io(format!("reading {name} from the bundle")))?;
+    Ok(v)
+}
+
+/// Lists `EFI/Linux`.
+pub fn list_entries(dir: &Path) -> Result<Vec<String>, UpdateError> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .map_err(io(format!("listing {}", dir.display())))?
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+/// The result of a successful apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub slot: Slot,
+    pub release: u64,
+    pub image_version: String,
+    pub entry: String,
+}
+
+/// Options of `update apply`.
+#[derive(Debug, Clone, Copy)]
+pub struct ApplyOptions {
+    pub tries: u32,
+    /// Try a release again whose trial already failed here.
+    pub retry: bool,
+}
+
+fn sync_dir(dir: &Path) -> Result<(), UpdateError> {
+    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(format!("syncing {}", dir.display())))
+}
+
+/// Verifies a bundle and, only when everything checks, writes the inactive
+/// slot and installs its trial boot entry. `progress` gets one line per step.
+pub fn apply(
+    bundle: &Path,
+    sys: &System,
+    opts: ApplyOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Applied, UpdateError> {
+    let mut f = fs::File::open(bundle).map_err(io(format!("opening {}", bundle.display())))?;
+    let members = tar_index(&mut f)?;
+    let manifest = read_member(&mut f, &members, MANIFEST, MAX_MANIFEST)?;
+    let sig = match read_member(&mut f, &members, SIGNATURE, 1024) {
+        Err(UpdateError::Missing(_)) => return Err(UpdateError::Unsigned),
+        other => other?,
+    };
+    let key = fs::read_to_string(&sys.public_key)
+        .map_err(io(format!("reading the update key {}", sys.public_key.display())))?;
+    let m = verify_manifest(
+        &manifest,
+        std::str::from_utf8(&sig).map_err(|_| UpdateError::BadSignature)?,
+        &key,
+        &sys.public_key,
+    )?;
+    progress(&format!("signature ok: release {} ({})", m.release, m.image_version));
+    let cmdline = fs::read_to_string(&sys.cmdline)
+        .map_err(io(format!("reading {}", sys.cmdline.display())))?;
+    let release = fs::read_to_string(&sys.release_file)
+        .map_err(io(format!("reading {}", sys.release_file.display())))?;
+    let running = parse_running(&cmdline, &release)?;
+    let entries = list_entries(&sys.uki_dir)?;
+    let target_dev = sys.partitions.join(running.slot.other().partition());
+    let mut dev = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&target_dev)
+        .map_err(io(format!("opening {}", target_dev.display())))?;
+    let capacity = dev.seek(SeekFrom::End(0)).map_err(io("sizing the target partition"))?;
+    let plan = plan(&m, running, &entries, capacity, opts.tries, opts.retry)?;
+    let uki_name = plan.target.uki_file();
+    for (name, want) in [(ROOT_IMAGE, m.root.size), (uki_name.as_str(), m.ukis[&uki_name].size)] {
+        let got = members.get(name).map(|x| x.size).ok_or_else(|| {
+            UpdateError::NotABundle(format!("{name} is named by the manifest but missing"))
+        })?;
+        if got != want {
+            return Err(UpdateError::WrongSize {
+                file: name.to_owned(),
+                manifest: want,
+                actual: got,
+            });
+        }
+    }
+    progress(&format!(
+        "running slot {} release {}; target slot {} ({} MiB partition)",
+        running.slot,
+        running.release,
+        plan.target,
+        capacity >> 20
+    ));
+    // Every byte that will be written is checked first.
+    let root = members[ROOT_IMAGE];
+    f.seek(SeekFrom::Start(root.offset)).map_err(io("reading the bundle"))?;
+    let got = hash_copy(&mut f, root.size, None, "checking root.img", progress)?;
+    if got != m.root.sha256 {
+        return Err(UpdateError::Checksum {
+            file: ROOT_IMAGE.into(),
+            expected: m.root.sha256.clone(),
+            actual: got,
+        });
+    }
+    let uki = read_member(
+        &mut f,
+        &members,
+        if plan.target == Slot::A { "uki-a.efi" } else { "uki-b.efi" },
+        MAX_UKI,
+    )?;
+    let got = hex(&Sha256::digest(&uki));
+    if got != m.ukis[&uki_name].sha256 {
+        return Err(UpdateError::Checksum {
+            file: uki_name,
+            expected: m.ukis[&plan.target.uki_file()].sha256.clone(),
+            actual: got,
+        });
+    }
+    progress("bundle verified: writing");
+
+    // 1. No entry may boot the slot while it is rewritten.
+    for name in &plan.remove {
+        let p = sys.uki_dir.join(name);
+        fs::remove_file(&p).map_err(io(format!("removing {}", p.display())))?;
+        progress(&format!("removed the old entry {name} of slot {}", plan.target));
+    }
+    sync_dir(&sys.uki_dir)?;
+    // 2. The slot, then a read-back past the page cache.
+    f.seek(SeekFrom::Start(root.offset)).map_err(io("reading the bundle"))?;
+    dev.seek(SeekFrom::Start(0)).map_err(io("seeking the target partition"))?;
+    let what = format!("writing slot {}", plan.target);
+    let written = hash_copy(&mut f, root.size, Some(&mut dev), &what, progress)?;
+    dev.sync_all().map_err(io("syncing the target partition"))?;
+    drop_cache(&dev);
+    dev.seek(SeekFrom::Start(0)).map_err(io("seeking the target partition"))?;
+    let back = hash_copy(&mut dev, root.size, None, "reading the slot back", progress)?;
+    if written != m.root.sha256 || back != m.root.sha256 {
+        return Err(UpdateError::ReadBack {
+            slot: plan.target,
+            expected: m.root.sha256.clone(),
+            actual: if written == m.root.sha256 { back } else { written },
+        });
+    }
+    drop(dev);
+    // 3. The trial entry: written under a name systemd-boot ignores, then renamed.
+    let name = plan.entry.file_name();
+    let tmp = sys.uki_dir.join(format!("{name}.new"));
+    {
+        let mut out = fs::File::create(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
+        out.write_all(&uki).map_err(io(format!("writing {}", tmp.display())))?;
+        out.sync_all().map_err(io(format!("syncing {}", tmp.display())))?;
+    }
+    let fin = sys.uki_dir.join(&name);
+    fs::rename(&tmp, &fin).map_err(io(format!("renaming to {}", fin.display())))?;
+    sync_dir(&sys.uki_dir)?;
+    progress(&format!("installed the trial entry {name}"));
+    Ok(Applied {
+        slot: plan.target,
+        release: m.release,
+        image_version: m.image_version,
+        entry: name,
+    })
+}
+
+/// Drops the written range from the page cache so the read-back reads the disk.
+fn drop_cache(f: &fs::File) {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: a valid fd; advice only.
+    unsafe {
+        libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+    }
+}
+
+/// `update status`: the running slot and release, and every boot entry.
+pub fn status(sys: &System) -> Result<String, UpdateError> {
+    let cmdline = fs::read_to_string(&sys.cmdline)
+        .map_err(io(format!("reading {}", sys.cmdline.display())))?;
+    let release = fs::read_to_string(&sys.release_file)
+        .map_err(io(format!("reading {}", sys.release_file.display())))?;
+    let running = parse_running(&cmdline, &release)?;
+    let mut out = format!("running: slot {} release {}\n", running.slot, running.release);
+    for name in list_entries(&sys.uki_dir)? {
+        if let Some(e) = BootEntry::parse(&name) {
+            out.push_str(&format!(
+                "entry {name}: slot {} release {} {}\n",
+                e.slot,
+                e.release,
+                e.state()
+            ));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ed25519_dalek::{Signer as _, SigningKey};
+
+    fn tar(files: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (name, data) in files {
+            let mut h = [0u8; 512];
+            h[..name.len()].copy_from_slice(name.as_bytes());
+            h[100..108].copy_from_slice(b"0000644\0");
+            h[124..136].copy_from_slice(format!("{:011o}\0", data.len()).as_bytes());
+            h[156] = b'0';
+            h[257..263].copy_from_slice(b"ustar\0");
+            h[148..156].copy_from_slice(b"        ");
+            let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+            h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+            out.extend_from_slice(&h);
+            out.extend_from_slice(data);
+            out.resize(out.len().div_ceil(512) * 512, 0);
+        }
+        out.resize(out.len() + 1024, 0);
+        out
+    }
+
+    struct Fixture {
+        dir: PathBuf,
+        sys: System,
+        key: SigningKey,
+        root: Vec<u8>,
+        uki_a: Vec<u8>,
+        uki_b: Vec<u8>,
+    }
+
+    const PART: u64 = 64 * 1024;
+
+    impl Fixture {
+        fn new(tag: &str) -> Fixture {
+            let dir =
+                std::env::temp_dir().join(format!("airlock-update-{tag}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&dir);
+            let parts = dir.join("by-partlabel");
+            let uki_dir = dir.join("EFI/Linux");
+            fs::create_dir_all(&parts).unwrap();
+            fs::create_dir_all(&uki_dir).unwrap();
+            let key = SigningKey::from_bytes(&[7; 32]);
+            fs::write(dir.join("key.pub"), hex(key.verifying_key().as_bytes()) + "\n").unwrap();
+            fs::write(dir.join("release"), "1\n").unwrap();
+            fs::write(dir.join("cmdline"), "root=/dev/mapper/airlock-root airlock.slot=a ro\n")
+                .unwrap();
+            fs::write(parts.join("airlock-root-a"), vec![0xaa; PART as usize]).unwrap();
+            fs::write(parts.join("airlock-root-b"), vec![0x55; PART as usize]).unwrap();
+            fs::write(uki_dir.join("airlock-1-a.efi"), b"uki a release 1").unwrap();
+            let sys = System {
+                uki_dir,
+                public_key: dir.join("key.pub"),
+                release_file: dir.join("release"),
+                cmdline: dir.join("cmdline"),
+                partitions: parts,
+            };
+            let root: Vec<u8> = (0..3 * 4096u32).map(|i| (i % 251) as u8).collect();
+            Fixture {
+                dir,
+                sys,
+                key,
+                root,
+                uki_a: b"uki a r2".to_vec(),
+                uki_b: b"uki b r2".to_vec(),
+            }
+        }
+
+        fn manifest(&self, release: u64) -> Manifest {
+            let f = |d: &[u8]| FileRef { size: d.len() as u64, sha256: hex(&Sha256::digest(d)) };
+            Manifest {
+                format: FORMAT,
+                release,
+                image_version: format!("0.1.0+r{release}"),
+                root: RootRef {
+                    size: self.root.len() as u64,
+                    sha256: hex(&Sha256::digest(&self.root)),
+                    root_hash: "ab".repeat(32),
+                    hash_offset: 4096,
+                },
+                ukis: [
+                    ("uki-a.efi".to_owned(), f(&self.uki_a)),
+                    ("uki-b.efi".to_owned(), f(&self.uki_b)),
+                ]
+                .into(),
+            }
+        }
+
+        fn bundle(&self, m: &Manifest, key: Option<&SigningKey>, root: &[u8]) -> PathBuf {
+            let mj = serde_json::to_vec_pretty(m).unwrap();
+            let sig = key.map(|k| hex(&k.sign(&mj).to_bytes()));
+            let mut files: Vec<(&str, &[u8])> = vec![(MANIFEST, &mj)];
+            if let Some(s) = &sig {
+                files.push((SIGNATURE, s.as_bytes()));
+            }
+            files.extend([
+                (ROOT_IMAGE, root),
+                ("uki-a.efi", &self.uki_a[..]),
+                ("uki-b.efi", &self.uki_b[..]),
+            ]);
+            let data = tar(&files);
+            let p = self.dir.join(format!("bundle-{}.tar", &hex(&Sha256::digest(&data))[..16]));
+            fs::write(&p, data).unwrap();
+            p
+        }
+
+        fn apply(&self, bundle: &Path) -> Result<Applied, UpdateError> {
+            apply(bundle, &self.sys, ApplyOptions { tries: 3, retry: false }, &mut |_| {})
+        }
+
+        /// Slot b's bytes and the ESP listing: what a refusal must leave alone.
+        fn snapshot(&self) -> (Vec<u8>, Vec<String>) {
+            (
+                fs::read(self.sys.partitions.join("airlock-root-b")).unwrap(),
+                list_entries(&self.sys.uki_dir).unwrap(),
+            )
+        }
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    #[test]
+    fn a_signed_bundle_writes_the_inactive_slot_and_a_trial_entry() {
+        let fx = Fixture::new("ok");
+        let b = fx.bundle(&fx.manifest(2), Some(&fx.key), &fx.root.clone());
+        let mut lines = Vec::new();
+        let done = apply(&b, &fx.sys, ApplyOptions { tries: 2, retry: false }, &mut |l| {
+            lines.push(l.to_owned())
+        })
+        .unwrap();
+        assert_eq!(done.slot, Slot::B);
+        assert_eq!(done.entry, "airlock-2-b+2.efi");
+        let slot_b = fs::read(fx.sys.partitions.join("airlock-root-b")).unwrap();
+        assert_eq!(&slot_b[..fx.root.len()], &fx.root[..]);
+        assert!(slot_b[fx.root.len()..].iter().all(|&x| x == 0x55), "past the image: untouched");
+        assert_eq!(
+            fs::read(fx.sys.partitions.join("airlock-root-a")).unwrap(),
+            vec![0xaa; PART as usize],
+            "the running slot is never written"
+        );
+        assert_eq!(
+            list_entries(&fx.sys.uki_dir).unwrap(),
+            vec!["airlock-1-a.efi".to_owned(), "airlock-2-b+2.efi".to_owned()]
+        );
+        assert_eq!(fs::read(fx.sys.uki_dir.join("airlock-2-b+2.efi")).unwrap(), fx.uki_b);
+        assert!(lines.iter().any(|l| l.contains("signature ok: release 2")), "{lines:?}");
+        let st = status(&fx.sys).unwrap();
+        assert!(st.contains("running: slot a release 1"), "{st}");
+        assert!(
+            st.contains("entry airlock-2-b+2.efi: slot b release 2 on trial (2 tries left"),
+            "{st}"
+        );
+    }
+
+    #[test]
+    fn refusals_write_nothing_and_say_why() {
+        let fx = Fixture::new("refuse");
+        let before = fx.snapshot();
+        let other = SigningKey::from_bytes(&[9; 32]);
+        let mut tampered = fx.root.clone();
+        tampered[5000] ^= 1;
+        let mut short_manifest = fx.manifest(2);
+        short_manifest.root.size -= 4096;
+        let mut big = fx.manifest(2);
+        big.root.size = PART + 4096;
+        let cases: Vec<(&str, PathBuf, &str)> = vec![
+            ("unsigned", fx.bundle(&fx.manifest(2), None, &fx.root), "not signed"),
+            ("wrong key", fx.bundle(&fx.manifest(2), Some(&other), &fx.root), "does not verify"),
+            (
+                "tampered",
+                fx.bundle(&fx.manifest(2), Some(&fx.key), &tampered),
+                "does not match the signed manifest",
+            ),
+            ("downgrade", fx.bundle(&fx.manifest(1), Some(&fx.key), &fx.root), "not newer"),
+            (
+                "wrong size",
+                fx.bundle(&short_manifest, Some(&fx.key), &fx.root),
+                "bytes in the bundle but the manifest says",
+            ),
+            (
+                "too large",
+                fx.bundle(&big, Some(&fx.key), &fx.root),
+                "does not fit partition airlock-root-b",
+            ),
+        ];
+        for (what, bundle, expect) in cases {
+            let e = fx.apply(&bundle).expect_err(what).to_string();
+            assert!(e.contains(expect), "{what}: {e}");
+            assert_eq!(fx.snapshot(), before, "{what}: something was written");
+        }
+        // A changed manifest byte after signing.
+        let mut m = fx.manifest(2);
+        let mj = serde_json::to_vec_pretty(&m).unwrap();
+        let sig = hex(&fx.key.sign(&mj).to_bytes());
+        m.release = 3;
+        let mj2 = serde_json::to_vec_pretty(&m).unwrap();
+        let p = fx.dir.join("edited.tar");
+        fs::write(
+            &p,
+            tar(&[
+                (MANIFEST, &mj2),
+                (SIGNATURE, sig.as_bytes()),
+                (ROOT_IMAGE, &fx.root),
+                ("uki-a.efi", &fx.uki_a),
+                ("uki-b.efi", &fx.uki_b),
+            ]),
+        )
+        .unwrap();
+        assert!(matches!(fx.apply(&p), Err(UpdateError::BadSignature)));
+        fs::write(&p, b"not a tar at all, just some bytes").unwrap();
+        assert!(matches!(fx.apply(&p), Err(UpdateError::NotABundle(_))));
+        assert_eq!(fx.snapshot(), before);
+    }
+
+    #[test]
+    fn a_tampered_uki_is_refused() {
+        let mut fx = Fixture::new("uki");
+        let m = fx.manifest(2);
+        fx.uki_b = b"uki b r2 but changed".to_vec();
+        let before = fx.snapshot();
+        let mj = serde_json::to_vec_pretty(&m).unwrap();
+        let sig = hex(&fx.key.sign(&mj).to_bytes());
+        let mut uki_b = b"uki b r2".to_vec();
+        uki_b[0] = b'X';
+        let p = fx.dir.join("t.tar");
+        fs::write(
+            &p,
+            tar(&[
+                (MANIFEST, &mj),
+                (SIGNATURE, sig.as_bytes()),
+                (ROOT_IMAGE, &fx.root),
+                ("uki-a.efi", &fx.uki_a),
+                ("uki-b.efi", &uki_b),
+            ]),
+        )
+        .unwrap();
+        let e = fx.apply(&p).unwrap_err().to_string();
+        assert!(e.contains("uki-b.efi does not match"), "{e}");
+        assert_eq!(fx.snapshot(), before);
+    }
+
+    #[test]
+    fn a_trial_running_slot_or_a_failed_release_is_refused() {
+        let fx = Fixture::new("trial");
+        let b = fx.bundle(&fx.manifest(2), Some(&fx.key), &fx.root);
+        fs::rename(
+            fx.sys.uki_dir.join("airlock-1-a.efi"),
+            fx.sys.uki_dir.join("airlock-1-a+2-1.efi"),
+        )
+        .unwrap();
+        let before = fx.snapshot();
+        assert!(matches!(fx.apply(&b), Err(UpdateError::RunningOnTrial { .. })));
+        assert_eq!(fx.snapshot(), before);
+        fs::rename(
+            fx.sys.uki_dir.join("airlock-1-a+2-1.efi"),
+            fx.sys.uki_dir.join("airlock-1-a.efi"),
+        )
+        .unwrap();
+        fs::write(fx.sys.uki_dir.join("airlock-2-b+0-3.efi"), b"failed").unwrap();
+        let e = fx.apply(&b).unwrap_err().to_string();
+        assert!(
+            e.contains("already failed its trial boots") && e.contains("airlock-2-b+0-3.efi"),
+            "{e}"
+        );
+        let done = apply(&b, &fx.sys, ApplyOptions { tries: 1, retry: true }, &mut |_| {}).unwrap();
+        assert_eq!(done.entry, "airlock-2-b+1.efi");
+        assert_eq!(
+            list_entries(&fx.sys.uki_dir).unwrap(),
+            vec!["airlock-1-a.efi".to_owned(), "airlock-2-b+1.efi".to_owned()],
+            "the failed entry of the target slot is removed before the slot is written"
+        );
+    }
+
+    #[test]
+    fn boot_entry_names_round_trip() {
+        for (name, e) in [
+            (
+                "airlock-1-a.efi",
+                BootEntry { release: 1, slot: Slot::A, tries_left: None, tries_done: 0 },
+            ),
+            ("airlock-2-b+3.efi", BootEntry::trial(2, Slot::B, 3)),
+            (
+                "airlock-12-b+1-2.efi",
+                BootEntry { release: 12, slot: Slot::B, tries_left: Some(1), tries_done: 2 },
+            ),
+            (
+                "airlock-2-b+0-3.efi",
+                BootEntry { release: 2, slot: Slot::B, tries_left: Some(0), tries_done: 3 },
+            ),
+        ] {
+            assert_eq!(BootEntry::parse(name), Some(e.clone()), "{name}");
+            assert_eq!(e.file_name(), name);
+        }
+        assert!(BootEntry::parse("airlock-2-b+0-3.efi").unwrap().is_failed());
+        for bad in [
+            "airlock-a.efi",
+            "airlock-1-c.efi",
+            "airlock-1-a.efi.new",
+            "other.efi",
+            "airlock-x-a.efi",
+            "airlock-1-a+.efi",
+            "airlock-1-a+1-.efi",
+        ] {
+            assert_eq!(BootEntry::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn slot_selection_and_the_running_system() {
+        let r = parse_running("ro airlock.slot=b quiet", "7\n").unwrap();
+        assert_eq!(r, Running { slot: Slot::B, release: 7 });
+        assert!(parse_running("ro quiet", "7").is_err());
+        assert!(parse_running("airlock.slot=a", "seven").is_err());
+        let fx = Fixture::new("plan");
+        let m = fx.manifest(8);
+        let p = plan(&m, r, &["airlock-7-b.efi".into(), "airlock-5-a.efi".into()], PART, 3, false)
+            .unwrap();
+        assert_eq!(p.target, Slot::A);
+        assert_eq!(p.remove, vec!["airlock-5-a.efi".to_owned()]);
+        assert_eq!(p.entry.file_name(), "airlock-8-a+3.efi");
+        let p = plan(&m, r, &[], PART, 42, false).unwrap();
+        assert_eq!(p.entry.tries_left, Some(MAX_TRIES));
+    }
+
+    #[test]
+    fn manifests_are_checked_after_their_signature() {
+        let fx = Fixture::new("manifest");
+        let sign = |m: &Manifest| {
+            let mj = serde_json::to_vec(m).unwrap();
+            let s = hex(&fx.key.sign(&mj).to_bytes());
+            (mj, s)
+        };
+        let pk = hex(fx.key.verifying_key().as_bytes());
+        let p = Path::new("k");
+        let (mj, s) = sign(&fx.manifest(2));
+        assert_eq!(verify_manifest(&mj, &s, &pk, p).unwrap().release, 2);
+        assert!(matches!(verify_manifest(&mj, &s, "12", p), Err(UpdateError::BadKey(_))));
+        let mut m = fx.manifest(2);
+        m.format = 2;
+        let (mj, s) = sign(&m);
+        assert!(verify_manifest(&mj, &s, &pk, p).unwrap_err().to_string().contains("format 2"));
+        let mut m = fx.manifest(2);
+        m.ukis.remove("uki-a.efi");
+        let (mj, s) = sign(&m);
+        assert!(verify_manifest(&mj, &s, &pk, p).unwrap_err().to_string().contains("uki-a.efi"));
+        let mut m = fx.manifest(2);
+        m.root.hash_offset = 100;
+        let (mj, s) = sign(&m);
+        assert!(verify_manifest(&mj, &s, &pk, p).unwrap_err().to_string().contains("hash_offset"));
+    }
+}

@@ -372,7 +372,7 @@ fn port_check(src: &Sources, p: &PortSpec) -> (Status, String) {
 }
 
 /// The XDP mode attached to `port` now, from `ip -d -j link`.
-fn attached_xdp(port: &str) -> Option<String> {
+pub(crate) fn attached_xdp(port: &str) -> Option<String> {
     let out = Command::new("ip").args(["-d", "-j", "link", "show", "dev", port]).output().ok()?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
     let xdp = v.get(0)?.get("xdp")?;

@@ -682,13 +682,16 @@ async fn run(cfg: AgentConfig, ready_file: Option<PathBuf>) -> Result<()> {
                 let ring = guard.get_inner_mut();
                 while let Some(item) = ring.next() {
                     match events::decode(&item) {
-                        Some(d) => info!(
-                            target: "airlock::drop",
-                            reason = d.reason, role = d.role, ifindex = d.ifindex,
-                            src = ?d.src, dst = ?d.dst, proto = d.proto,
-                            sport = d.sport, dport = d.dport, ethertype = d.ethertype, len = d.len,
-                            "dropped"
-                        ),
+                        Some(d) => {
+                            info!(
+                                target: "airlock::drop",
+                                reason = d.reason, role = d.role, ifindex = d.ifindex,
+                                src = ?d.src, dst = ?d.dst, proto = d.proto,
+                                sport = d.sport, dport = d.dport, ethertype = d.ethertype, len = d.len,
+                                "dropped"
+                            );
+                            link.note_drop(&d, &dp);
+                        }
                         None => warn!(len = item.len(), "undecodable drop event"),
                     }
                 }

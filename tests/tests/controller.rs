@@ -112,6 +112,52 @@ fn the_lab_appliance_enrolls_and_enforces_the_controllers_policy() {
     let svc = lab_service(&lab);
     assert_lab_policy_enforced(&lab, svc, "enrolled");
 
+    // What the dashboard shows of the appliance: its ports with their roles,
+    // the drop of p2's disallowed connection with its cause, and the
+    // WireGuard public key the appliance generated for itself.
+    let mut api = lab.api().expect("log in");
+    let p2 = addr::P2_V4.to_string();
+    let seen = api
+        .wait_for(LAB_APPLIANCE, "a report with p2's drop", CONVERGE, |v| {
+            v.health.as_ref().is_some_and(|h| {
+                h.recent_drops.iter().any(|d| d.src.as_deref() == Some(p2.as_str()))
+            })
+        })
+        .expect("the drop reaches the controller");
+    let health = seen.health.as_ref().expect("health");
+    let ports: Vec<(&str, &str)> =
+        health.ports.iter().map(|p| (p.name.as_str(), p.role.as_str())).collect();
+    assert!(ports.contains(&("patient0", "patient")), "{ports:?}");
+    assert!(ports.contains(&("uplink0", "uplink")), "{ports:?}");
+    assert!(
+        health.ports.iter().all(|p| p.attached && p.xdp_mode != "detached"),
+        "{:?}",
+        health.ports
+    );
+    let drop = health
+        .recent_drops
+        .iter()
+        .find(|d| d.src.as_deref() == Some(p2.as_str()))
+        .expect("p2's drop");
+    assert_eq!(drop.cause, "default deny", "{drop:?}");
+    assert_eq!(
+        (drop.reason.as_str(), drop.port.as_str()),
+        ("drop_no_flow", "patient0"),
+        "{drop:?}"
+    );
+    assert_eq!((drop.proto, drop.dport), (6, 443), "{drop:?}");
+    assert_eq!(drop.dst.as_deref(), Some(addr::EXT_V4.to_string().as_str()), "{drop:?}");
+    let key = seen.wireguard_public_key.as_deref().expect("a WireGuard public key");
+    assert_eq!(key.len(), 44, "{key}");
+    assert!(base64_32(key), "{key} is base64 of 32 bytes");
+    let key_file = state.join("store/wireguard.key");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&key_file).expect("the private key file").permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    let private = std::fs::read_to_string(&key_file).expect("key");
+    assert!(!lab.agent().log().contains(private.trim()), "the private key is never logged");
+
     // The controller sits behind the boundary like everything else: neither
     // side's hosts reach it (only the appliance's own connection does).
     let t = lab.topology();
@@ -134,6 +180,12 @@ fn the_lab_appliance_enrolls_and_enforces_the_controllers_policy() {
     let app = status.namespaces.iter().find(|n| n.name.ends_with("-app")).expect("appliance");
     let ifs: Vec<&str> = app.interfaces.iter().map(|i| i.name.as_str()).collect();
     assert_eq!(ifs, ["mgmt0", "patient0", "uplink0"]);
+}
+
+/// `s` is standard base64 of exactly 32 bytes (a WireGuard key).
+fn base64_32(s: &str) -> bool {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.decode(s).is_ok_and(|b| b.len() == 32)
 }
 
 /// True when a TCP connection from `ns` to `to` is accepted.

@@ -28,6 +28,7 @@ use super::{
 use crate::{
     config::AgentConfig,
     dataplane::Dataplane,
+    events::{self, RecentDrops},
     policy_cmd,
     store::{BundleRecord, SledStore, StateStore as _, Stored},
 };
@@ -65,6 +66,10 @@ enum Stage {
 pub struct Link {
     stage: Stage,
     paths: IdentityPaths,
+    /// The newest drop events, for the reports.
+    drops: RecentDrops,
+    /// The appliance's WireGuard public key (`None`: the key file is unusable).
+    wg_public: Option<String>,
 }
 
 impl std::fmt::Debug for Link {
@@ -95,7 +100,19 @@ impl Link {
     /// Must be called inside the runtime.
     pub fn start(cfg: &AgentConfig, dp: &mut Dataplane) -> Self {
         let paths = IdentityPaths::new(&cfg.appliance.state_dir);
-        let mut link = Self { stage: Stage::Off, paths: paths.clone() };
+        let wg_public = match super::wg_key::load_or_generate(&cfg.appliance.state_dir) {
+            Ok(k) => Some(k.0),
+            Err(e) => {
+                error!(error = %super::chain(&e), "no WireGuard key; reports carry none");
+                None
+            }
+        };
+        let mut link = Self {
+            stage: Stage::Off,
+            paths: paths.clone(),
+            drops: RecentDrops::default(),
+            wg_public,
+        };
         if cfg.controller.is_none() && !Identity::is_enrolled(&paths) {
             return link;
         }
@@ -260,8 +277,28 @@ impl Link {
 
     fn report(&mut self, cfg: &AgentConfig, dp: &Dataplane) {
         let Stage::On(a) = &mut self.stage else { return };
-        let r = report::build(&a.status, report::health(dp, cfg));
+        let mut health = report::health(dp, cfg);
+        health.recent_drops = self.drops.to_vec();
+        let mut r = report::build(&a.status, health);
+        r.wireguard_public_key.clone_from(&self.wg_public);
         a.reports.send_replace(Some(r));
+    }
+
+    /// Keeps a decoded drop event for the reports, with its ingress port's
+    /// name and its cause (for an expired entry, the rule it came from, read
+    /// from the flow map while the entry is still there).
+    pub fn note_drop(&mut self, d: &events::Drop, dp: &Dataplane) {
+        let port = dp
+            .ports
+            .iter()
+            .find(|(_, i, _)| *i == d.ifindex)
+            .map_or_else(|| format!("ifindex {}", d.ifindex), |(n, _, _)| n.clone());
+        let rule =
+            (d.reason == "drop_expired").then(|| dp.maps.list().ok()).flatten().and_then(|l| {
+                events::matching_rule(d, l.iter().filter_map(|(e, _, _)| e.as_ref().ok()))
+            });
+        let cause = events::cause(d.reason, rule);
+        self.drops.push(events::record(d, unix_now(), port, cause));
     }
 
     fn on_bundle(&mut self, signed: &SignedBundle, cfg: &AgentConfig, dp: &mut Dataplane) {

@@ -27,6 +27,7 @@ pub mod report;
 mod stand_in;
 pub mod sync;
 pub mod tls;
+pub mod wg_key;
 
 use std::{
     fmt,

@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use airlock_proto::agent::{Health, Report};
+use airlock_proto::agent::{Health, PortState, Report};
 use http_body_util::Full;
 use hyper::{body::Bytes, client::conn::http1::SendRequest};
 use tokio::sync::watch;
@@ -30,6 +30,7 @@ pub fn health(dp: &Dataplane, cfg: &AgentConfig) -> Health {
         },
         |s| s.iter().map(|(r, c)| (r.as_str().to_owned(), c.packets)).collect(),
     );
+    let ports = ports(dp, cfg);
     Health {
         enforcing: problems.is_empty(),
         forwarding: crate::netif::forwarding(),
@@ -37,9 +38,29 @@ pub fn health(dp: &Dataplane, cfg: &AgentConfig) -> Health {
         flows,
         counters,
         tunnels: Vec::new(),
-        ports: Vec::new(),
+        ports,
         recent_drops: Vec::new(),
     }
+}
+
+/// Each guarded port with its role and the XDP mode the kernel reports for
+/// it. Attached means: the same device (ifindex) the agent attached to, its
+/// link pin in place, and a program on it.
+fn ports(dp: &Dataplane, cfg: &AgentConfig) -> Vec<PortState> {
+    let layout = cfg.pins();
+    dp.ports
+        .iter()
+        .map(|(name, ifindex, role)| {
+            let mode = crate::hwcheck::attached_xdp(name);
+            let same_device = crate::netif::ifindex(name).is_ok_and(|i| i == *ifindex);
+            PortState {
+                name: name.clone(),
+                role: role.as_str().to_owned(),
+                attached: mode.is_some() && same_device && layout.link(name, *ifindex).exists(),
+                xdp_mode: mode.unwrap_or_else(|| "detached".to_owned()),
+            }
+        })
+        .collect()
 }
 
 /// A report from the sync state and the health.

@@ -29,6 +29,9 @@ pub struct ApplianceView {
     pub refused: Option<Refusal>,
     /// Its last reported health.
     pub health: Option<Health>,
+    /// Its WireGuard public key (base64) as it last reported it.
+    #[serde(default)]
+    pub wireguard_public_key: Option<String>,
 }
 
 /// Lifecycle of an appliance record.

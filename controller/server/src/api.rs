@@ -358,6 +358,7 @@ fn view(st: &AppState, r: crate::appliances::ApplianceRecord) -> ApplianceView {
         applied_version: report.as_ref().and_then(|(r, _)| r.applied_version),
         last_seen: report.as_ref().map(|(_, t)| *t),
         refused: report.as_ref().and_then(|(r, _)| r.refused.clone()),
+        wireguard_public_key: report.as_ref().and_then(|(r, _)| r.wireguard_public_key.clone()),
         health: report.map(|(r, _)| r.health),
         id: r.id,
         state: r.state,

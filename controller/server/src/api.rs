@@ -98,6 +98,9 @@ impl From<PolicyError> for ApiErr {
             PolicyError::UnknownVersion(_) | PolicyError::NoPolicy => {
                 Self::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
             }
+            PolicyError::Conflict { .. } => {
+                Self::new(StatusCode::CONFLICT, "conflict", e.to_string())
+            }
             other => Self::internal("policy operation failed", &other),
         }
     }
@@ -121,6 +124,13 @@ fn bearer(parts: &Parts) -> Option<String> {
 
 /// The session cookie's name.
 pub const SESSION_COOKIE: &str = "airlock_session";
+
+/// The `Set-Cookie` value for a session (an empty token with age 0 ends it).
+pub fn session_cookie(token: &str, max_age: u64) -> String {
+    format!(
+        "{SESSION_COOKIE}={token}; Path=/; Secure; HttpOnly; SameSite=Strict; Max-Age={max_age}"
+    )
+}
 
 impl FromRequestParts<Arc<AppState>> for Caller {
     type Rejection = ApiErr;
@@ -155,7 +165,6 @@ pub fn api_router(state: Arc<AppState>) -> Router {
         .route("/api/v1/policy/diff", post(diff_policy))
         .layer(DefaultBodyLimit::max(MAX_POLICY_BYTES + 64 * 1024));
     Router::new()
-        .route("/", get(index))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/ca", get(ca))
@@ -182,16 +191,6 @@ pub fn agent_router(state: Arc<AppState>) -> Router {
         .route("/agent/v1/renew", post(renew))
         .layer(DefaultBodyLimit::max(256 * 1024))
         .with_state(state)
-}
-
-async fn index(State(st): St) -> impl IntoResponse {
-    let html = format!(
-        "<!doctype html><html lang=en><meta charset=utf-8><title>Airlock controller</title>\
-         <h1>Airlock controller</h1><p>The API is at <code>/api/v1</code> \
-         (<a href=/api/v1/openapi.json>OpenAPI document</a>). CA fingerprint: <code>{}</code></p></html>",
-        st.ca.fingerprint()
-    );
-    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], html)
 }
 
 #[derive(OpenApi)]
@@ -271,11 +270,7 @@ async fn login(State(st): St, Json(l): Json<Login>) -> Result<Response, ApiErr> 
     .map_err(|e| ApiErr::internal("login task failed", &e))?;
     match r {
         Ok(s) => {
-            let cookie = format!(
-                "{SESSION_COOKIE}={}; Path=/; Secure; HttpOnly; SameSite=Strict; Max-Age={}",
-                s.token,
-                s.expires_at.saturating_sub(now)
-            );
+            let cookie = session_cookie(&s.token, s.expires_at.saturating_sub(now));
             let body = SessionToken {
                 token: s.token,
                 idle_timeout_secs: st.sessions.idle_secs(),
@@ -303,12 +298,9 @@ async fn logout(State(st): St, headers: HeaderMap) -> Response {
         st.sessions.logout(&t);
     }
     let mut r = StatusCode::NO_CONTENT.into_response();
-    r.headers_mut().insert(
-        header::SET_COOKIE,
-        HeaderValue::from_static(
-            "airlock_session=; Path=/; Secure; HttpOnly; SameSite=Strict; Max-Age=0",
-        ),
-    );
+    if let Ok(v) = HeaderValue::from_str(&session_cookie("", 0)) {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
     r
 }
 
@@ -394,24 +386,30 @@ async fn create_appliance(
     Json(req): Json<CreateAppliance>,
 ) -> Result<(StatusCode, Json<EnrollmentToken>), ApiErr> {
     allow(&c, Action::ManageAppliances)?;
+    Ok((StatusCode::CREATED, Json(create_token(&st, &req, &c.0.user)?)))
+}
+
+/// Creates an appliance record and its one-time token (API and UI).
+pub(crate) fn create_token(
+    st: &AppState,
+    req: &CreateAppliance,
+    by: &str,
+) -> Result<EnrollmentToken, ApplianceError> {
     let (token, expires_at) = st.appliances.create(&req.id, req.token_ttl_secs, st.now())?;
-    tracing::info!(appliance = %req.id, by = %c.0.user, expires_at, "enrollment token issued");
+    tracing::info!(appliance = %req.id, by = %by, expires_at, "enrollment token issued");
     let fp = st.ca.fingerprint();
     let command = format!(
         "airlock-agent enroll --controller {} --ca-fingerprint {fp} --token-stdin",
         st.public_url
     );
-    Ok((
-        StatusCode::CREATED,
-        Json(EnrollmentToken {
-            appliance: req.id,
-            token,
-            expires_at,
-            ca_fingerprint: fp,
-            controller_url: st.public_url.clone(),
-            command,
-        }),
-    ))
+    Ok(EnrollmentToken {
+        appliance: req.id.clone(),
+        token,
+        expires_at,
+        ca_fingerprint: fp,
+        controller_url: st.public_url.clone(),
+        command,
+    })
 }
 
 #[utoipa::path(post, path = "/api/v1/appliances/{id}/revoke", params(("id" = String, Path)),
@@ -422,10 +420,20 @@ async fn revoke_appliance(
     Path(id): Path<String>,
 ) -> Result<Json<ApplianceView>, ApiErr> {
     allow(&c, Action::ManageAppliances)?;
-    let r = st.appliances.revoke(&st.registry, &id)?;
-    st.hub.close(&id);
-    tracing::warn!(appliance = %id, by = %c.0.user, "appliance revoked");
+    let r = revoke(&st, &id, &c.0.user)?;
     Ok(Json(view(&st, r)))
+}
+
+/// Revokes an appliance and ends its streams (API and UI).
+pub(crate) fn revoke(
+    st: &AppState,
+    id: &str,
+    by: &str,
+) -> Result<crate::appliances::ApplianceRecord, ApplianceError> {
+    let r = st.appliances.revoke(&st.registry, id)?;
+    st.hub.close(id);
+    tracing::warn!(appliance = %id, by = %by, "appliance revoked");
+    Ok(r)
 }
 
 #[utoipa::path(get, path = "/api/v1/policy", responses((status = 200, body = PolicyVersion), (status = 404, body = ApiError)))]
@@ -478,7 +486,7 @@ async fn diff_policy(
     Ok(Json(st.policies.diff(&u, st.now())?))
 }
 
-fn publish_all(st: &AppState, bundles: Vec<(String, airlock_proto::SignedBundle)>) {
+pub(crate) fn publish_all(st: &AppState, bundles: Vec<(String, airlock_proto::SignedBundle)>) {
     for (a, b) in bundles {
         st.hub.publish(&a, b);
         st.metrics.bundles.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -551,7 +559,9 @@ async fn report(
     if let Some(refused) = &r.refused {
         tracing::warn!(appliance = %id, version = refused.version, reason = %refused.reason, "appliance refused a bundle");
     }
-    st.hub.report(&id, r, st.now());
+    let now = st.now();
+    st.telemetry.record(&id, now, &r.health.counters);
+    st.hub.report(&id, r, now);
     StatusCode::NO_CONTENT
 }
 

@@ -251,6 +251,37 @@ impl Sessions {
         Some(s.subject.clone())
     }
 
+    /// Like [`authenticate`](Self::authenticate) but without marking the
+    /// session used: for the pages' background refreshes, so a dashboard left
+    /// open still logs its user off after the idle timeout.
+    pub fn peek(&self, token: &str, now: u64) -> Option<Subject> {
+        let key = digest(token);
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let s = m.get(&key)?;
+        if now >= s.expires_at || now >= s.last_used + self.idle_secs {
+            m.remove(&key);
+            return None;
+        }
+        Some(s.subject.clone())
+    }
+
+    /// The anti-forgery token of a session, for the web UI's forms: derived
+    /// from the session secret (which scripts cannot read: the cookie is
+    /// `HttpOnly`), so a page on another origin cannot produce it.
+    pub fn csrf_token(token: &str) -> String {
+        let mut h = Sha256::new();
+        h.update(b"airlock-csrf-v1\0");
+        h.update(token.as_bytes());
+        B64URL.encode(h.finalize())
+    }
+
+    /// Whether `presented` is the session's anti-forgery token (constant time).
+    pub fn csrf_ok(token: &str, presented: &str) -> bool {
+        let want = Self::csrf_token(token);
+        want.len() == presented.len()
+            && want.bytes().zip(presented.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
+
     /// Ends a session.
     pub fn logout(&self, token: &str) {
         self.map.lock().unwrap_or_else(|p| p.into_inner()).remove(&digest(token));
@@ -299,5 +330,27 @@ mod tests {
         drop(m);
         assert!(s.authenticate("u", 8 * 3600).is_none(), "absolute timeout");
         assert!(s.authenticate("nope", 1).is_none());
+    }
+
+    #[test]
+    fn background_refreshes_do_not_keep_a_session_alive() {
+        let s = Sessions::new(900, 8 * 3600);
+        s.map.lock().unwrap().insert(
+            digest("t"),
+            Session { subject: subject(&[Role::Admin]), last_used: 0, expires_at: 8 * 3600 },
+        );
+        assert!(s.peek("t", 500).is_some());
+        assert!(s.peek("t", 899).is_some());
+        assert!(s.peek("t", 900).is_none(), "peeks do not reset the idle timer");
+        assert!(s.authenticate("t", 901).is_none());
+    }
+
+    #[test]
+    fn csrf_tokens_bind_to_the_session() {
+        let a = Sessions::csrf_token("session-a");
+        assert!(Sessions::csrf_ok("session-a", &a));
+        assert!(!Sessions::csrf_ok("session-b", &a));
+        assert!(!Sessions::csrf_ok("session-a", ""));
+        assert!(!Sessions::csrf_ok("session-a", &a[1..]));
     }
 }

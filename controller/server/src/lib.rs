@@ -25,7 +25,9 @@ pub mod run;
 pub mod server;
 pub mod state;
 pub mod sync;
+pub mod telemetry;
 pub mod tls;
+pub mod ui;
 
 /// An error and its causes on one line, for logs.
 pub fn chain(e: &dyn std::error::Error) -> String {

@@ -41,6 +41,12 @@ pub enum PolicyError {
     /// Nothing stored yet.
     #[error("no policy has been applied yet")]
     NoPolicy,
+    /// The change was prepared against another version than the current one.
+    #[error("the policy changed meanwhile: version {} is current now", .current.map_or("none".to_owned(), |v| v.to_string()))]
+    Conflict {
+        /// The current version.
+        current: Option<u32>,
+    },
     /// Store failure.
     #[error("policy store")]
     Store(#[from] StoreError),
@@ -275,9 +281,44 @@ impl Policies {
         appliances: &[String],
         now: u64,
     ) -> Result<(PolicyVersionSummary, Vec<(String, SignedBundle)>), PolicyError> {
+        self.apply_checked(upload, author, rollback_of, None, appliances, now)
+    }
+
+    /// Like [`apply`](Self::apply), but only while `base` is still the
+    /// current version (the version an admin reviewed the diff against);
+    /// otherwise [`PolicyError::Conflict`] and nothing changes.
+    pub fn apply_on(
+        &self,
+        upload: &PolicyUpload,
+        author: &str,
+        base: Option<u32>,
+        appliances: &[String],
+        now: u64,
+    ) -> Result<(PolicyVersionSummary, Vec<(String, SignedBundle)>), PolicyError> {
+        self.apply_checked(upload, author, None, Some(base), appliances, now)
+    }
+
+    fn apply_checked(
+        &self,
+        upload: &PolicyUpload,
+        author: &str,
+        rollback_of: Option<u32>,
+        base: Option<Option<u32>>,
+        appliances: &[String],
+        now: u64,
+    ) -> Result<(PolicyVersionSummary, Vec<(String, SignedBundle)>), PolicyError> {
         let (_, mut r) = check(&upload.text, upload.format)?;
         let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        let version = new_version(self.current_version()?);
+        let current = self.current_version()?;
+        if let Some(base) = base.filter(|b| *b != current) {
+            tracing::info!(
+                ?base,
+                ?current,
+                "policy apply refused: prepared against an older version"
+            );
+            return Err(PolicyError::Conflict { current });
+        }
+        let version = new_version(current);
         r.version = version;
         let compiled = compiled(&r, now)?;
         let stored = PolicyVersion {

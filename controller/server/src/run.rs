@@ -106,6 +106,7 @@ pub async fn start(mut cfg: ControllerConfig, store: Store) -> Result<Started, S
         policies: Policies::new(store.clone(), key),
         hub: Arc::new(Hub::default()),
         metrics: Metrics::default(),
+        telemetry: Default::default(),
         public_url: cfg.public_url(),
         agent_url: cfg.agent_url(),
         clock: system_clock,

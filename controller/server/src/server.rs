@@ -126,7 +126,8 @@ fn harden(r: Router, timeout: bool) -> Router {
 /// The main listener's service.
 pub fn main_app(state: Arc<AppState>) -> Router {
     let st = state.clone();
-    harden(crate::api::api_router(state), true).layer(axum::Extension(st))
+    let app = crate::api::api_router(state.clone()).merge(crate::ui::ui_router(state));
+    harden(app, true).layer(axum::Extension(st))
 }
 
 /// The agent listener's service (no overall timeout: the stream is long-lived).

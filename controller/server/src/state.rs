@@ -11,6 +11,7 @@ use crate::{
     metrics::Metrics,
     policy::Policies,
     sync::Hub,
+    telemetry::Telemetry,
     tls::{Registry, ServerCert},
 };
 
@@ -35,6 +36,8 @@ pub struct AppState {
     pub hub: Arc<Hub>,
     /// Counters.
     pub metrics: Metrics,
+    /// The appliances' reported packet counters over time (dashboard charts).
+    pub telemetry: Telemetry,
     /// The URL of the main listener.
     pub public_url: String,
     /// The URL of the agent listener.

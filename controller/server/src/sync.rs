@@ -78,6 +78,16 @@ impl Hub {
         with(self, id, |e| e.report.clone())
     }
 
+    /// Looks at the last report (and when it came) and the number of open
+    /// streams without copying the report.
+    pub fn inspect<R>(&self, id: &str, f: impl FnOnce(Option<(&Report, u64)>, usize) -> R) -> R {
+        let m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        match m.get(id) {
+            Some(e) => f(e.report.as_ref().map(|(r, t)| (r, *t)), e.connected),
+            None => f(None, 0),
+        }
+    }
+
     /// Open streams of the appliance.
     pub fn connected(&self, id: &str) -> usize {
         with(self, id, |e| e.connected)

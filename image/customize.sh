@@ -12,7 +12,12 @@ mkdir -p /etc/airlock/provision /var/lib/airlock /sys/fs/bpf /efi
 
 step "services: agent, state, factory policy, boot report"
 systemctl enable airlock-state.service airlock-agent.service \
-	airlock-factory-policy.service airlock-boot-report.service
+	airlock-factory-policy.service airlock-boot-report.service \
+	airlock-boot-check.service airlock-update-media.service
+
+step "A/B updates: systemd-bless-boot present, no boot loader updates from the root"
+test -x /lib/systemd/systemd-bless-boot
+systemctl mask systemd-boot-update.service >/dev/null
 
 step "no login anywhere: gettys masked, root locked, no ssh"
 systemctl mask getty.target console-getty.service getty@.service serial-getty@.service \

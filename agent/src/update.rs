@@ -38,8 +38,10 @@ pub const FORMAT: u32 = 1;
 pub const MANIFEST: &str = "manifest.json";
 pub const SIGNATURE: &str = "manifest.json.sig";
 pub const ROOT_IMAGE: &str = "root.img";
-/// Tries a trial entry gets unless told otherwise.
-pub const DEFAULT_TRIES: u32 = 3;
+/// Tries a trial entry gets unless told otherwise: one power cut during the
+/// trial is tolerated, two failed boots in a row return to the previous slot
+/// (the boundary stays closed meanwhile, so a quick return matters).
+pub const DEFAULT_TRIES: u32 = 2;
 /// systemd-boot's boot counters are single digits here (1..=9).
 pub const MAX_TRIES: u32 = 9;
 const MAX_MANIFEST: u64 = 64 * 1024;

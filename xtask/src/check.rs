@@ -13,7 +13,9 @@ struct Outcome {
     result: Result<(), String>,
 }
 
-pub fn run(quick: bool) -> Result<()> {
+/// `image`: also the image update test (about 7 QEMU boots and two image
+/// builds; see image/README.md).
+pub fn run(quick: bool, image_update: bool) -> Result<()> {
     let mut outcomes = Vec::new();
     let mut record = |name: &'static str, f: &mut dyn FnMut() -> Result<()>| {
         let step = Step::start(name);
@@ -74,7 +76,8 @@ pub fn run(quick: bool) -> Result<()> {
                 cargo
                     .env("AIRLOCK_AGENT_BIN", bin)
                     .env("AIRLOCK_QEMU_DIR", crate::setup::qemu_dir())
-                    .args(["test", "--workspace", "--exclude", "airlock-ebpf"]),
+                    .args(["test", "--workspace", "--exclude", "airlock-ebpf"])
+                    .args(image_update.then_some("--features=airlock-testbed/image-update")),
             )
         });
     }

@@ -41,6 +41,8 @@ pub const PART_STATE: &str = "airlock-state";
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Recipe {
+    /// The update release number: an appliance only takes a higher one.
+    release: u64,
     suite: String,
     mirror: String,
     source_date_epoch: u64,
@@ -71,12 +73,29 @@ pub fn default_image() -> PathBuf {
     image_dir().join("airlock.img")
 }
 
+/// What `cargo xtask image` may change from the defaults.
+#[derive(Debug, Default, Clone)]
+pub struct BuildOptions {
+    /// Release number (default: image.toml's `release`).
+    pub release: Option<u64>,
+    /// Output directory (default target/image; the base cache stays there).
+    pub out: Option<PathBuf>,
+    /// Test only: an agent configuration the agent refuses, for the rollback
+    /// test's bundle (an update whose agent never becomes healthy).
+    pub test_break_agent: bool,
+}
+
 /// Builds the image for a hardware profile.
 pub fn build(profile_path: &Path) -> Result<PathBuf> {
+    build_with(profile_path, &BuildOptions::default())
+}
+
+/// Builds the image (and the update slot: `<out>/slot/`) for a hardware profile.
+pub fn build_with(profile_path: &Path, opts: &BuildOptions) -> Result<PathBuf> {
     let started = Instant::now();
     let root = airlock_testbed::workspace_root();
     let recipe_path = root.join("image/image.toml");
-    let recipe: Recipe = toml::from_str(
+    let mut recipe: Recipe = toml::from_str(
         &fs::read_to_string(&recipe_path)
             .with_context(|| format!("reading {}", recipe_path.display()))?,
     )
@@ -87,11 +106,15 @@ pub fn build(profile_path: &Path) -> Result<PathBuf> {
         profile_path.to_owned()
     };
     let profile = airlock_hardware::Profile::load(profile_path)?;
-    let dir = image_dir();
+    if let Some(r) = opts.release {
+        recipe.release = r;
+    }
+    ensure!(recipe.release >= 1, "release must be 1 or more");
+    let dir = opts.out.clone().unwrap_or_else(image_dir);
     let work = dir.join("work");
     fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
 
-    let base = ensure_base(&recipe, &dir.join("cache"))?;
+    let base = ensure_base(&recipe, &image_dir().join("cache"))?;
     let agent = build_agent()?;
     let step = Step::start("signing key (Ed25519)");
     let key_path = crate::image_sign::key_path();
@@ -109,6 +132,16 @@ pub fn build(profile_path: &Path) -> Result<PathBuf> {
     let version = image_version(&recipe);
     prepare_rootfs(&base, &rootfs, &agent, &profile, profile_path, &version)?;
     fs::write(rootfs.join("usr/share/airlock/image-signing.pub"), format!("{public}\n"))?;
+    fs::write(rootfs.join("usr/share/airlock/release"), format!("{}\n", recipe.release))?;
+    if opts.test_break_agent {
+        let step = Step::start("TEST ONLY: an agent configuration the agent refuses");
+        fs::write(
+            rootfs.join("etc/airlock/agent.toml"),
+            "# TEST ONLY (cargo xtask image --test-break-agent): the agent refuses this.\n\
+             [appliance]\nname = \"\"\n",
+        )?;
+        step.ok();
+    }
     customize(&rootfs)?;
     let lock = packages_lock(&rootfs, &dir)?;
     let (kernel, initrd) = take_boot_files(&rootfs, &work)?;
@@ -119,12 +152,22 @@ pub fn build(profile_path: &Path) -> Result<PathBuf> {
         slot.len.div_ceil(MIB),
         recipe.partitions.root
     );
-    let uki = uki(&rootfs, &work, &kernel, &initrd, 'a', &slot, &version, &profile)?;
-    let esp = esp(&recipe, &work, &rootfs, &[("airlock-a.efi", &uki)])?;
+    let uki_a = uki(&rootfs, &work, &kernel, &initrd, 'a', &slot, &version, &recipe, &profile)?;
+    let uki_b = uki(&rootfs, &work, &kernel, &initrd, 'b', &slot, &version, &recipe, &profile)?;
+    let entry = format!("airlock-{}-a.efi", recipe.release);
+    let esp = esp(&recipe, &work, &rootfs, &[(entry.as_str(), &uki_a)])?;
     let config = config_partition(&recipe, &work)?;
     let image = dir.join("airlock.img");
     let layout = assemble(&recipe, &image, &esp, &config, &slot.file)?;
     let sha = write_manifest(&dir, &image, &version, &recipe, &slot, &layout, &lock)?;
+    crate::image_update::keep_slot(
+        &dir,
+        &version,
+        recipe.release,
+        &slot_info(&slot),
+        &uki_a,
+        &uki_b,
+    )?;
     let manifest = fs::read(dir.join("manifest.json"))?;
     fs::write(dir.join("manifest.json.sig"), crate::image_sign::sign(&key, &manifest) + "\n")?;
     fs::write(dir.join("image-signing.pub"), format!("{public}\n"))?;
@@ -337,6 +380,16 @@ fn take_boot_files(rootfs: &Path, work: &Path) -> Result<(PathBuf, PathBuf)> {
     }
 }
 
+/// What the update bundle needs to know about a built slot.
+fn slot_info(slot: &Slot) -> crate::image_update::SlotInfo {
+    crate::image_update::SlotInfo {
+        file: slot.file.clone(),
+        size: slot.len,
+        root_hash: slot.root_hash.clone(),
+        hash_offset: slot.hash_offset,
+    }
+}
+
 /// One root slot: erofs followed by its dm-verity hash tree.
 #[derive(Debug)]
 struct Slot {
@@ -417,6 +470,7 @@ fn uki(
     slot_name: char,
     slot: &Slot,
     version: &str,
+    recipe: &Recipe,
     profile: &airlock_hardware::Profile,
 ) -> Result<PathBuf> {
     let step = Step::start(format!("UKI for slot {slot_name} (systemd-stub + kernel + initramfs)"));
@@ -426,8 +480,9 @@ fn uki(
     fs::write(
         &osrel,
         format!(
-            "{base}IMAGE_ID=airlock\nIMAGE_VERSION={version}\n\
-             PRETTY_NAME=\"Airlock appliance {version} (slot {slot_name})\"\n"
+            "{base}IMAGE_ID=airlock\nIMAGE_VERSION={release}\nAIRLOCK_BUILD={version}\n\
+             PRETTY_NAME=\"Airlock appliance release {release} ({version}, slot {slot_name})\"\n",
+            release = recipe.release
         ),
     )?;
     let cmd = work.join(format!("cmdline-{slot_name}"));
@@ -612,6 +667,7 @@ fn write_manifest(
     let manifest = serde_json::json!({
         "format": 1,
         "image_version": version,
+        "release": recipe.release,
         "source_date_epoch": recipe.source_date_epoch,
         "image_sha256": sha,
         "root_slot": {

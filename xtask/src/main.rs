@@ -7,6 +7,7 @@ mod check;
 mod image;
 mod image_files;
 mod image_sign;
+mod image_update;
 mod lab;
 mod setup;
 mod sizing;
@@ -40,6 +41,10 @@ enum Command {
         /// Skip fmt and clippy.
         #[arg(long)]
         quick: bool,
+        /// Also the image update test: A/B update, rollback, refusals (about 7
+        /// QEMU boots and two more image builds; see image/README.md).
+        #[arg(long)]
+        image: bool,
     },
     /// Benchmarks (root): per-packet cost of the XDP boundary
     /// (BPF_PROG_TEST_RUN), and policy change → applied on the agent in the
@@ -53,6 +58,15 @@ enum Command {
         /// Hardware profile the image is built for.
         #[arg(long, default_value = image::DEFAULT_PROFILE)]
         profile: std::path::PathBuf,
+        /// Update release number (default: image.toml's `release`).
+        #[arg(long)]
+        release: Option<u64>,
+        /// Output directory (default target/image).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+        /// TEST ONLY: an agent configuration the agent refuses (the rollback test's bundle).
+        #[arg(long, hide = true)]
+        test_break_agent: bool,
     },
     /// State-partition size for the audit trail's retention (hardware/SIZING.md).
     Sizing(sizing::SizingArgs),
@@ -72,6 +86,9 @@ enum ImageCommand {
         #[arg(long)]
         public_key: Option<std::path::PathBuf>,
     },
+    /// A signed A/B update bundle (root slot + UKIs + signed manifest) from a
+    /// built image, for `airlock-agent update apply`.
+    UpdateBundle(image_update::BundleArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -131,10 +148,14 @@ fn main() -> ExitCode {
         }
         Command::Lab(LabCommand::Status { json, prefix }) => lab::status(&prefix, json),
         Command::Lab(LabCommand::Down { prefix }) => lab::down(&prefix),
-        Command::Test { quick } => check::run(quick),
+        Command::Test { quick, image } => check::run(quick, image),
         Command::Bench => check::bench(),
-        Command::Image { command: None, profile } => {
-            crate::setup::run().and_then(|()| image::build(&profile)).map(|_| ())
+        Command::Image { command: None, profile, release, out, test_break_agent } => {
+            let opts = image::BuildOptions { release, out, test_break_agent };
+            crate::setup::run().and_then(|()| image::build_with(&profile, &opts)).map(|_| ())
+        }
+        Command::Image { command: Some(ImageCommand::UpdateBundle(args)), .. } => {
+            image_update::bundle(&args).map(|_| ())
         }
         Command::Image { command: Some(ImageCommand::Provision(args)), .. } => {
             image::provision(&args)

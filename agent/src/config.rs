@@ -99,6 +99,10 @@ pub enum Role {
     Patient,
     /// Faces the uplink.
     Uplink,
+    /// The management network: carries only the agent's own connection to
+    /// its controller (traffic to and from the appliance's own address on
+    /// it); nothing is forwarded from or to it, on either layer.
+    Management,
 }
 
 impl From<Role> for PortRole {
@@ -106,6 +110,7 @@ impl From<Role> for PortRole {
         match r {
             Role::Patient => PortRole::Patient,
             Role::Uplink => PortRole::Uplink,
+            Role::Management => PortRole::Management,
         }
     }
 }
@@ -499,6 +504,22 @@ gc_interval_secs = 9223372036854775807
         let unknown = format!("{ok}token = \"x\"\n");
         let e = AgentConfig::parse(&unknown).unwrap_err();
         assert!(e.issues[0].message.contains("unknown field"), "{:?}", e.issues);
+    }
+
+    #[test]
+    fn a_management_port_is_neither_side_of_the_boundary() {
+        let text = format!("{GOOD}\n[[port]]\nname = \"mgmt0\"\nrole = \"management\"\n");
+        let c = AgentConfig::parse(&text).unwrap();
+        assert_eq!(PortRole::from(c.ports[2].role), PortRole::Management);
+        let input = c.nft_input(1).unwrap().unwrap();
+        for role in [airlock_policy::Ingress::Patient, airlock_policy::Ingress::Uplink] {
+            assert!(!input.ports(role).iter().any(|p| p == "mgmt0"), "in no forwarding set");
+        }
+        // It does not stand in for a side of the boundary.
+        let only = "[appliance]\nname = \"x\"\n[[port]]\nname = \"a\"\nrole = \"patient\"\n\
+                    [[port]]\nname = \"m\"\nrole = \"management\"\n";
+        let e = AgentConfig::parse(only).unwrap_err();
+        assert!(e.issues.iter().any(|i| i.message.contains("uplink")), "{:?}", e.issues);
     }
 
     #[test]

@@ -20,6 +20,7 @@ use aya::{
 use tracing::{info, warn};
 
 use crate::{
+    applier::Applier,
     config::{AgentConfig, PortConfig, XdpModeConfig},
     maps::{Maps, MapsError},
     netif::{self, NetifError},
@@ -186,6 +187,9 @@ pub struct Dataplane {
     pub maps: Maps,
     /// Port name, ifindex and role.
     pub ports: Vec<(String, u32, PortRole)>,
+    /// The applier with its record of the maps and the nftables table; a
+    /// new installation starts with none (it lists the maps first).
+    pub applier: Applier,
 }
 
 impl std::fmt::Debug for Dataplane {
@@ -198,6 +202,7 @@ const fn program_for(role: PortRole) -> &'static str {
     match role {
         PortRole::Patient => program_names::PATIENT,
         PortRole::Uplink => program_names::UPLINK,
+        PortRole::Management => program_names::MANAGEMENT,
     }
 }
 
@@ -234,7 +239,7 @@ impl Dataplane {
         maps.refill_event_budget(cfg.dataplane.events_per_second)?;
         maps.sync_local_addrs(&netif::local_addrs(&name_index(&ports))?)?;
 
-        for name in [program_names::PATIENT, program_names::UPLINK] {
+        for name in [program_names::PATIENT, program_names::UPLINK, program_names::MANAGEMENT] {
             xdp(&mut ebpf, name)?.load().map_err(|source| DataplaneError::Program {
                 what: "verifier load",
                 program: name,
@@ -245,7 +250,7 @@ impl Dataplane {
             let how = attach_port(&mut ebpf, &layout, p, *ifindex, *role)?;
             info!(port = %p.name, ifindex, role = role.as_str(), attachment = ?how, "port enforcing");
         }
-        Ok(Self { _ebpf: ebpf, maps, ports })
+        Ok(Self { _ebpf: ebpf, maps, ports, applier: Applier::new(cfg) })
     }
 
     /// Turns IP forwarding on when configured, and only when every interface

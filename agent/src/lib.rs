@@ -18,6 +18,7 @@
 //!  events.rs ◀── ring buffer                clock.rs: CLOCK_MONOTONIC, durations
 //! ```
 
+pub mod applier;
 pub mod clock;
 pub mod config;
 pub mod controller;

@@ -352,7 +352,13 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             rt.block_on(run(cfg, ready_file))?;
             Ok(())
         }
-        Command::Flow(cmd) => flow(&cfg.pins(), cmd),
+        Command::Flow(cmd) => {
+            // A running agent lists the maps again before its next change.
+            note_external_write(&cfg);
+            let done = flow(&cfg.pins(), cmd);
+            note_external_write(&cfg);
+            done
+        }
         Command::Enroll(args) => enroll(&cfg, args),
         Command::Controller(ControllerCommand::Status { json }) => controller_status(&cfg, json),
         Command::Stats { json } => stats(&cfg.pins(), json),
@@ -419,6 +425,14 @@ fn update(cmd: UpdateCommand) -> Result<(), Failure> {
             print!("{}", update::status(&system.system()).map_err(anyhow::Error::from)?);
             Ok(())
         }
+    }
+}
+
+/// Tells a running agent that this process writes the flow maps (it lists
+/// them again before its next change).
+fn note_external_write(cfg: &AgentConfig) {
+    if let Err(e) = airlock_agent::applier::note_external_write(&cfg.appliance.state_dir) {
+        eprintln!("airlock-agent: warning: cannot tell a running agent that the maps changed: {e}");
     }
 }
 
@@ -653,7 +667,7 @@ async fn run(cfg: AgentConfig, ready_file: Option<PathBuf>) -> Result<()> {
                 last = now;
             }
             _ = gc.tick() => {
-                match dp.maps.remove_expired(clock::monotonic_ns()) {
+                match dp.applier.remove_expired(&mut dp.maps, clock::monotonic_ns()) {
                     Ok(0) => {}
                     Ok(n) => info!(removed = n, "expired flow entries removed"),
                     Err(e) => warn!(error = %e, "expiry sweep failed"),
@@ -704,23 +718,35 @@ async fn run(cfg: AgentConfig, ready_file: Option<PathBuf>) -> Result<()> {
 
 /// Applies the stored state (a local policy or a controller bundle, whose
 /// signature is checked again), if any, before forwarding is turned on. A
-/// missing, unreadable or inapplicable state applies nothing: the maps keep
-/// what they hold (empty on a fresh appliance: everything dropped).
+/// missing, unreadable or inapplicable state applies no flows: the maps keep
+/// what they hold (empty on a fresh appliance: everything dropped), and the
+/// nftables table is installed with no flows (its final drop drops all).
 fn apply_last_known_good(cfg: &AgentConfig, dp: &mut Dataplane) {
     use airlock_agent::store::Stored;
+    let now = airlock_agent::policy_cmd::now();
+    let empty_table = |dp: &mut Dataplane| match dp.applier.install_empty_table(cfg, now) {
+        Ok(outcome) => info!(?outcome, "nftables table installed with no flows"),
+        Err(e) => error!(
+            error = %airlock_agent::controller::chain(&e),
+            "cannot install the nftables table"
+        ),
+    };
     let lkg = match SledStore::open(&cfg.appliance.state_dir).and_then(|s| s.load_state()) {
         Ok(Some(l)) => l,
         Ok(None) => {
             info!("no last-known-good policy stored");
+            empty_table(dp);
             return;
         }
         Err(e) => {
             error!(error = %format!("{e:#}"), "cannot read the last-known-good policy; applying nothing");
+            empty_table(dp);
             return;
         }
     };
-    let now = airlock_agent::policy_cmd::now();
-    match (airlock_agent::controller::lkg::restore(&lkg, cfg, &mut dp.maps, now), &lkg) {
+    let restored =
+        airlock_agent::controller::lkg::restore(&lkg, cfg, &mut dp.applier, &mut dp.maps, now);
+    match (restored, &lkg) {
         (Ok((removed, upserted)), Stored::Policy(l)) => info!(
             policy_version = l.policy.version,
             appliance = %l.appliance,
@@ -735,10 +761,13 @@ fn apply_last_known_good(cfg: &AgentConfig, dp: &mut Dataplane) {
             upserted,
             "last-known-good bundle applied"
         ),
-        (Err(e), _) => error!(
-            error = %airlock_agent::controller::chain(&e),
-            "cannot apply the last-known-good state; applying nothing"
-        ),
+        (Err(e), _) => {
+            error!(
+                error = %airlock_agent::controller::chain(&e),
+                "cannot apply the last-known-good state; applying nothing"
+            );
+            empty_table(dp);
+        }
     }
 }
 
@@ -770,6 +799,7 @@ fn enroll(cfg: &AgentConfig, a: EnrollArgs) -> Result<(), Failure> {
     .map_err(usage)?;
     init_tracing(cfg.log.format);
     // A boundary that is already up drops the controller's answers otherwise.
+    note_external_write(cfg);
     if let Ok(mut maps) = Maps::open(&cfg.pins().maps()) {
         if let Err(e) = mgmt::ensure(&mut maps, cfg, &[ep]) {
             warn!(error = %e, "cannot let the controller's answers through the boundary");
@@ -784,6 +814,7 @@ fn enroll(cfg: &AgentConfig, a: EnrollArgs) -> Result<(), Failure> {
     if let Ok(mut maps) = Maps::open(&cfg.pins().maps()) {
         let _ = mgmt::ensure(&mut maps, cfg, &[]);
     }
+    note_external_write(cfg);
     println!("{}", id.record.appliance);
     Ok(())
 }

@@ -10,6 +10,7 @@ use airlock_policy::{
 };
 
 use crate::{
+    applier::Applier,
     clock,
     config::AgentConfig,
     maps::Maps,
@@ -216,7 +217,8 @@ pub fn apply_entries(
 /// [`apply_entries`] with an nf_tables netlink socket the caller keeps open
 /// across changes (`None`: one is opened for this change and closed after
 /// it, which waits for the kernel's grace period once the change is in
-/// force).
+/// force). A one-shot [`Applier`]: the maps are listed first. The daemon
+/// keeps an [`Applier`] instead, whose record spares the listing.
 pub fn apply_entries_on(
     nl: Option<&mut NftNetlink>,
     entries: &[FlowEntry],
@@ -226,37 +228,14 @@ pub fn apply_entries_on(
     maps: &mut Maps,
     now: Now,
 ) -> Result<(usize, usize), PolicyCmdError> {
-    let listed = maps.list()?;
-    let mut observed: Vec<FlowEntry> =
-        listed.iter().filter_map(|(e, _, _)| e.as_ref().ok().copied()).collect();
-    let unreadable = listed.len() - observed.len();
-    if unreadable > 0 {
-        // They cannot be named by flow; `detach` clears them.
-        tracing::warn!(unreadable, "flow entries the agent cannot read back are left in the maps");
-    }
-    // In flow order: the reconciler's (it then sorts nothing), and the
-    // nftables step compares it with `previous` in one pass.
-    observed.sort_unstable_by_key(|e| e.flow);
-    // The agent's own way to its controller (eBPF only: the nftables table
-    // filters forwarded traffic, never the appliance's own).
-    let want = crate::controller::mgmt::with_management(entries, cfg);
-    let actions = reconcile(&want, &observed, now.mono_ns);
-    let (mut removed, mut upserted) = (0, 0);
-    for act in &actions {
-        match act {
-            Action::Remove(f) => {
-                maps.remove(f)?;
-                removed += 1;
-            }
-            Action::Upsert(e) => {
-                maps.upsert(e)?;
-                upserted += 1;
-            }
-        }
-    }
-    crate::fault::point("after-ebpf");
-    nftables_step(nl, entries, policy_version, previous, &observed, &actions, cfg, now)?;
-    Ok((removed, upserted))
+    Applier::with_previous(cfg, previous).apply_on(
+        nl,
+        entries.to_vec(),
+        policy_version,
+        cfg,
+        maps,
+        now,
+    )
 }
 
 /// What the nftables step did.
@@ -388,7 +367,16 @@ pub fn apply(
 ) -> Result<(usize, usize), PolicyCmdError> {
     let policy = read(path)?;
     let previous = store.load()?.filter(|l| l.appliance == appliance).map(|l| l.policy);
-    let counts = apply_policy(&policy, previous.as_ref(), path, appliance, cfg, maps, now)?;
+    // A running agent lists the maps again before its next change.
+    let note = || {
+        if let Err(e) = crate::applier::note_external_write(&cfg.appliance.state_dir) {
+            tracing::warn!(error = %e, "cannot tell a running agent that the maps changed");
+        }
+    };
+    note();
+    let counts = apply_policy(&policy, previous.as_ref(), path, appliance, cfg, maps, now);
+    note();
+    let counts = counts?;
     crate::fault::point("before-save");
     let lkg = LastKnownGood {
         format: 1,

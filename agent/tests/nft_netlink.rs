@@ -42,7 +42,7 @@ fn entry(i: u32, rule: u32, secs: Option<u64>) -> FlowEntry {
     let port = (protocol != Protocol::Icmp).then_some(1000 + i as u16);
     let ingress = if (i / 6).is_multiple_of(2) { Ingress::Patient } else { Ingress::Uplink };
     let (src, dst) = match ingress {
-        Ingress::Patient => (src, dst),
+        Ingress::Patient | Ingress::Management => (src, dst),
         Ingress::Uplink => (dst, src),
     };
     let flow = Flow::new(src.parse().unwrap(), dst.parse().unwrap(), protocol, port).unwrap();

@@ -259,6 +259,11 @@ pub enum Ingress {
     Patient,
     /// Forward traffic enters from the uplink.
     Uplink,
+    /// The agent's own entries to its controller: the forward direction is
+    /// the appliance's own output, the replies enter on a management port.
+    /// Never in a policy (the agent drops such entries from one) and never
+    /// in the nftables table.
+    Management,
 }
 
 impl From<Ingress> for PortRole {
@@ -266,6 +271,7 @@ impl From<Ingress> for PortRole {
         match i {
             Ingress::Patient => PortRole::Patient,
             Ingress::Uplink => PortRole::Uplink,
+            Ingress::Management => PortRole::Management,
         }
     }
 }
@@ -275,6 +281,7 @@ impl From<PortRole> for Ingress {
         match r {
             PortRole::Patient => Ingress::Patient,
             PortRole::Uplink => Ingress::Uplink,
+            PortRole::Management => Ingress::Management,
         }
     }
 }

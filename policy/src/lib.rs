@@ -31,7 +31,7 @@ pub use flow::{Expiry, Flow, FlowEntry, FlowError, Ingress, MapEntry, Protocol};
 pub use model::{Grant, Policy};
 pub use nft::{NftError, NftInput, NftRuleset};
 pub use portable::{localize, to_portable, PortableEntry};
-pub use reconcile::{reconcile, Action};
+pub use reconcile::{applied, apply_to, reconcile, reconcile_with, Action};
 pub use validate::{validate, Issue, Resolved};
 
 /// An [`Issue`] with its place in the text it came from.

@@ -35,6 +35,12 @@
 //!                         daddr . saddr @echoF_R                           accept
 //!     counter drop      (explicit: the chain policy alone leaked packets during
 //!                        an atomic table replacement — measured)
+//!   chain guard     type filter hook forward priority -1; policy accept;
+//!     iifname != @patient_ports iifname != @uplink_ports counter drop
+//!     oifname != @patient_ports oifname != @uplink_ports counter drop
+//!                       (a packet forwarded from or to any other interface — a
+//!                        management port, one not in the configuration — is
+//!                        dropped before the forward chain, whatever the sets hold)
 //! ```
 //!
 //! Every entry is an element of exactly one set: replies are looked up with the
@@ -129,6 +135,14 @@ use crate::{
 
 /// The table name used unless the input names another.
 pub const DEFAULT_TABLE: &str = "airlock";
+
+/// The guard chain's comment on its drop of packets that entered through an
+/// interface that is no patient or uplink port (a management port, or one
+/// not in the configuration): nothing is forwarded from it.
+pub const GUARD_IN: &str = "enters through no boundary port";
+/// The guard chain's comment on its drop of packets that would leave through
+/// an interface that is no patient or uplink port: nothing is forwarded to it.
+pub const GUARD_OUT: &str = "leaves through no boundary port";
 
 /// The longest element timeout written, in seconds (~3.17 years): nft 1.0.6
 /// (Debian 12) refuses `timeout 100000000s` ("value too large").
@@ -236,6 +250,9 @@ impl NftInput {
         match role {
             Ingress::Patient => self.patient_ports = ports,
             Ingress::Uplink => self.uplink_ports = ports,
+            // Management ports are in no set: the guard chain drops whatever
+            // would be forwarded from or to them.
+            Ingress::Management => {}
         }
         Ok(self)
     }
@@ -261,6 +278,7 @@ impl NftInput {
         match role {
             Ingress::Patient => &self.patient_ports,
             Ingress::Uplink => &self.uplink_ports,
+            Ingress::Management => &[],
         }
     }
     /// The reply floor in force (never 0).
@@ -420,7 +438,8 @@ impl SetId {
         };
         let r = match self.ingress {
             Ingress::Patient => 0,
-            Ingress::Uplink => 1,
+            // No set holds management entries ([`element_of`] places none).
+            Ingress::Uplink | Ingress::Management => 1,
         };
         let k = match self.kind {
             SetKind::Flow => 0,
@@ -701,7 +720,7 @@ pub fn compile(input: &NftInput, entries: &[FlowEntry], now_ns: u64) -> NftRules
 /// built from the reconciler's actions
 /// ([`crate::nft_delta::element_delta_from_actions`]) both use it.
 pub fn element_of(entry: &FlowEntry, now_ns: u64) -> Option<(SetId, NftElement)> {
-    if entry.rule_id == MANAGEMENT_RULE_ID {
+    if entry.rule_id == MANAGEMENT_RULE_ID || entry.ingress == Ingress::Management {
         return None;
     }
     let timeout_secs = match entry.expiry {
@@ -906,6 +925,7 @@ impl NftRuleset {
         match role {
             Ingress::Patient => &self.patient_ports,
             Ingress::Uplink => &self.uplink_ports,
+            Ingress::Management => &[],
         }
     }
     /// The flow sets, in rendering order.
@@ -1041,6 +1061,20 @@ impl fmt::Display for NftRuleset {
             }
             writeln!(f, "\t}}")?;
         }
+        writeln!(f)?;
+        writeln!(f, "\tchain guard {{")?;
+        writeln!(f, "\t\ttype filter hook forward priority -1; policy accept;")?;
+        writeln!(
+            f,
+            "\t\tiifname != @patient_ports iifname != @uplink_ports counter drop \
+             comment \"{GUARD_IN}\""
+        )?;
+        writeln!(
+            f,
+            "\t\toifname != @patient_ports oifname != @uplink_ports counter drop \
+             comment \"{GUARD_OUT}\""
+        )?;
+        writeln!(f, "\t}}")?;
         writeln!(f)?;
         writeln!(f, "\tchain forward {{")?;
         writeln!(f, "\t\ttype filter hook forward priority filter; policy drop;")?;
@@ -1280,6 +1314,12 @@ table inet airlock {
 		type ipv6_addr . ipv6_addr
 		flags timeout
 		counter
+	}
+
+	chain guard {
+		type filter hook forward priority -1; policy accept;
+		iifname != @patient_ports iifname != @uplink_ports counter drop comment "enters through no boundary port"
+		oifname != @patient_ports oifname != @uplink_ports counter drop comment "leaves through no boundary port"
 	}
 
 	chain forward {
@@ -1593,6 +1633,7 @@ table inet airlock {
         match role {
             Ingress::Patient => PATIENT_PORTS[i % PATIENT_PORTS.len()],
             Ingress::Uplink => UPLINK_PORTS[i % UPLINK_PORTS.len()],
+            Ingress::Management => "mgmt0",
         }
     }
 

@@ -36,10 +36,28 @@ pub fn same(a: &FlowEntry, b: &FlowEntry) -> bool {
 /// live at `now_ns`: removals (sorted) then upserts (sorted). An observed
 /// entry equal to the desired one ([`same`]) is left alone, counters too.
 pub fn reconcile(desired: &[FlowEntry], observed: &[FlowEntry], now_ns: u64) -> Vec<Action> {
+    reconcile_with(desired, &[], observed, now_ns)
+}
+
+/// [`reconcile`] for `desired` plus the entries of `extra` whose flows
+/// `desired` does not hold, live or not (the agent's own management entries
+/// beside a policy's), without copying `desired`.
+pub fn reconcile_with(
+    desired: &[FlowEntry],
+    extra: &[FlowEntry],
+    observed: &[FlowEntry],
+    now_ns: u64,
+) -> Vec<Action> {
     // A linear merge over both sides sorted by flow (the compiler's output
     // already is: then sorting costs one pass), not maps: a one-flow change
-    // in 100k entries costs a few milliseconds.
-    let want = sorted_by_flow(desired.iter().filter(|e| e.is_live(now_ns)).collect());
+    // in 100k entries costs about a millisecond.
+    let mut want = sorted_by_flow(desired.iter().collect());
+    for e in extra {
+        if let Err(at) = want.binary_search_by(|w| w.flow.cmp(&e.flow)) {
+            want.insert(at, e);
+        }
+    }
+    want.retain(|e| e.is_live(now_ns));
     let have = sorted_by_flow(observed.iter().collect());
     let (mut removes, mut upserts) = (Vec::new(), Vec::new());
     let (mut i, mut j) = (0, 0);
@@ -69,6 +87,83 @@ pub fn reconcile(desired: &[FlowEntry], observed: &[FlowEntry], now_ns: u64) -> 
     }
     removes.extend(upserts);
     removes
+}
+
+/// Changes `record` (sorted by flow, one entry per flow, as [`applied`]
+/// returns it) into [`applied`]`(record, actions)`: in place, by binary
+/// search, for a few actions (a one-flow change in 100k entries moves no
+/// more than the entries behind it); by the linear merge for many.
+pub fn apply_to(record: &mut Vec<FlowEntry>, actions: &[Action]) {
+    /// Above this many actions one linear merge is cheaper.
+    const IN_PLACE_MAX: usize = 32;
+    if actions.len() > IN_PLACE_MAX || !record.is_sorted_by_key(|e| e.flow) {
+        *record = applied(record, actions);
+        return;
+    }
+    for a in actions {
+        match a {
+            Action::Remove(f) => {
+                if let Ok(at) = record.binary_search_by(|e| e.flow.cmp(f)) {
+                    record.remove(at);
+                }
+            }
+            Action::Upsert(e) => match record.binary_search_by(|r| r.flow.cmp(&e.flow)) {
+                Ok(at) => record[at] = *e,
+                Err(at) => record.insert(at, *e),
+            },
+        }
+    }
+}
+
+/// What the maps hold after `actions` were applied, in order, to maps that
+/// held `observed`: sorted by flow, one entry per flow. The agent keeps this
+/// as its record of the maps (its observed state for the next change) instead
+/// of listing them again; linear in the sizes, like [`reconcile`].
+pub fn applied(observed: &[FlowEntry], actions: &[Action]) -> Vec<FlowEntry> {
+    let have = sorted_by_flow(observed.iter().collect());
+    // The reconciler lists each flow once, removals before upserts; a flow
+    // removed and then upserted ends as the upsert, as in the maps.
+    let mut removed: Vec<Flow> = Vec::new();
+    let mut upserts: Vec<&FlowEntry> = Vec::new();
+    for a in actions {
+        match a {
+            Action::Remove(f) => removed.push(*f),
+            Action::Upsert(e) => upserts.push(e),
+        }
+    }
+    removed.sort_unstable();
+    // The last upsert of a flow wins (a stable sort keeps their order).
+    upserts.sort_by_key(|e| e.flow);
+    upserts.reverse();
+    upserts.dedup_by_key(|e| e.flow);
+    upserts.reverse();
+    let mut out = Vec::with_capacity(have.len() + upserts.len());
+    let (mut i, mut j, mut r) = (0, 0, 0);
+    loop {
+        let next = match (have.get(i), upserts.get(j)) {
+            (Some(h), Some(u)) => h.flow.min(u.flow),
+            (Some(h), None) => h.flow,
+            (None, Some(u)) => u.flow,
+            (None, None) => break,
+        };
+        if let Some(u) = upserts.get(j).filter(|u| u.flow == next) {
+            out.push(**u);
+            j += 1;
+            if have.get(i).is_some_and(|h| h.flow == next) {
+                i += 1;
+            }
+            continue;
+        }
+        // Only `have[i]` has this flow: kept unless removed.
+        while removed.get(r).is_some_and(|f| *f < next) {
+            r += 1;
+        }
+        if removed.get(r) != Some(&next) {
+            out.push(*have[i]);
+        }
+        i += 1;
+    }
+    out
 }
 
 /// Sorts by flow (cheaply when already sorted) and keeps the first entry of
@@ -146,6 +241,20 @@ mod tests {
         assert_eq!(reconcile(&[stale], &[stale], 10), [Action::Remove(stale.flow)]);
     }
 
+    #[test]
+    fn the_record_after_actions_is_what_the_maps_hold() {
+        let a = entry(11, 443, 1, Expiry::At(100));
+        let b = entry(12, 443, 2, Expiry::At(100));
+        let b2 = FlowEntry { rule_id: 9, ..b };
+        let c = entry(13, 443, 3, Expiry::Infrastructure);
+        let acts = [Action::Remove(a.flow), Action::Upsert(b2), Action::Upsert(c)];
+        assert_eq!(applied(&[b, a], &acts), vec![b2, c]);
+        // Removed then upserted: the upsert; removing an absent flow: nothing.
+        let back = [Action::Remove(a.flow), Action::Remove(c.flow), Action::Upsert(a)];
+        assert_eq!(applied(&[a, b], &back), vec![a, b]);
+        assert_eq!(applied(&[], &[]), Vec::<FlowEntry>::new());
+    }
+
     /// For many pseudo-random desired/observed pairs: applying the actions to
     /// observed gives exactly the live desired entries, every action changes
     /// something, and removals precede upserts.
@@ -195,6 +304,16 @@ mod tests {
             assert!(actions[first_upsert..].iter().all(|a| matches!(a, Action::Upsert(_))));
             let live: Vec<FlowEntry> = desired.iter().filter(|e| e.is_live(now)).copied().collect();
             let got = apply(&observed, &actions);
+            assert_eq!(applied(&observed, &actions), got, "the agent's record equals the maps");
+            let mut in_place = observed.clone();
+            apply_to(&mut in_place, &actions);
+            assert_eq!(in_place, got, "changed in place: the same record");
+            let mut extra = pick(2);
+            extra.dedup_by_key(|e| e.flow);
+            let with = reconcile_with(&desired, &extra, &observed, now);
+            let mut merged = desired.clone();
+            merged.extend(extra.iter().filter(|x| !desired.iter().any(|d| d.flow == x.flow)));
+            assert_eq!(with, reconcile(&merged, &observed, now), "extra entries: as if merged");
             assert_eq!(got.len(), live.len());
             assert!(got.iter().zip(&live).all(|(g, l)| same(g, l)), "{got:?} != {live:?}");
             total += actions.len();

@@ -43,6 +43,9 @@ pub enum PortRole {
     Patient,
     /// The uplink.
     Uplink,
+    /// The management network: only the agent's own connection to its
+    /// controller, never forwarded.
+    Management,
 }
 
 /// One `[[port]]`.
@@ -76,6 +79,8 @@ pub struct AgentConfig {
     pub enable_forwarding: bool,
     /// `dataplane.reply_min_port`.
     pub reply_min_port: u16,
+    /// `dataplane.nftables` (the second layer; rendered only when off).
+    pub nftables: bool,
     /// `log.format`.
     pub log_format: LogFormat,
     /// `log.counters_interval_secs`.
@@ -121,20 +126,31 @@ impl AgentConfig {
             events_per_second: 200,
             enable_forwarding: true,
             reply_min_port: 1024,
+            nftables: true,
             log_format: LogFormat::Text,
             counters_interval_secs: 10,
             controller: None,
         }
     }
 
+    /// The same configuration with the eBPF layer alone (`nftables =
+    /// false`): the tests of the XDP boundary, whose hand-added flows are
+    /// eBPF-only (the nftables layer, installed with no flows at start,
+    /// would drop them).
+    pub fn ebpf_only(mut self) -> Self {
+        self.nftables = false;
+        self
+    }
+
     /// The same configuration managed by a controller: the management port
-    /// `mgmt0` joins the ports (role `uplink`: the management network is on
-    /// the hospital side, see [`crate::Topology`]) and `[controller]` is set.
+    /// `mgmt0` joins the ports (role `management`: it carries the agent's own
+    /// connection to the controller and nothing is forwarded across it, see
+    /// [`crate::Topology`]) and `[controller]` is set.
     pub fn with_controller(mut self, section: ControllerSection) -> Self {
         if !self.ports.iter().any(|p| p.name == MGMT_PORT) {
             self.ports.push(PortConfig {
                 name: MGMT_PORT.into(),
-                role: PortRole::Uplink,
+                role: PortRole::Management,
                 xdp_mode: XdpMode::Native,
             });
         }
@@ -155,6 +171,7 @@ impl AgentConfig {
             let role = match p.role {
                 PortRole::Patient => "patient",
                 PortRole::Uplink => "uplink",
+                PortRole::Management => "management",
             };
             let mode = match p.xdp_mode {
                 XdpMode::Native => "native",
@@ -174,6 +191,12 @@ impl AgentConfig {
             "events_per_second = {}\nenable_forwarding = {}\nreply_min_port = {}\n",
             self.events_per_second, self.enable_forwarding, self.reply_min_port
         ));
+        if !self.nftables {
+            s.push_str(
+                "nftables = false
+",
+            );
+        }
         let format = match self.log_format {
             LogFormat::Text => "text",
             LogFormat::Json => "json",
@@ -291,7 +314,9 @@ counters_interval_secs = 10
         let text = c.clone().with_controller(c.controller.clone().unwrap()).render();
         assert_eq!(text.matches("name = \"mgmt0\"").count(), 1, "added once: {text}");
         assert!(
-            text.contains("[[port]]\nname = \"mgmt0\"\nrole = \"uplink\"\nxdp_mode = \"native\"\n"),
+            text.contains(
+                "[[port]]\nname = \"mgmt0\"\nrole = \"management\"\nxdp_mode = \"native\"\n"
+            ),
             "{text}"
         );
         let expected_tail = format!(

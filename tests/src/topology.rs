@@ -14,12 +14,11 @@
 //!
 //! With a controller ([`TopologyOptions::controller`]) a sixth namespace
 //! `<p>-ctl` holds it, cabled to the appliance's management port `mgmt0`
-//! (10.90.0.0/24, fd00:a1:90::/64). The management network sits on the
-//! hospital side, so the agent configures `mgmt0` as a port with role
-//! `uplink`: XDP guards it like any port, nothing is forwarded to or from it
-//! without an entry, and the agent adds the entries for its own controller
-//! connections itself. (A dedicated `management` port role would say this
-//! more precisely; until the agent has one, `uplink` is the closed choice.)
+//! (10.90.0.0/24, fd00:a1:90::/64). The agent configures `mgmt0` as a port
+//! with role `management`: it carries only the agent's own connection to the
+//! controller (XDP passes only answers addressed to the appliance's own
+//! address there, to the management entries the agent adds itself), and
+//! nothing is forwarded from or to it on either layer.
 //! The controller has no route beyond its link: it cannot reach the patient
 //! network or the uplink. [`TopologyOptions::host_link`] adds a veth from the
 //! host (`<p>-hctl`, 10.91.0.1/30) to `host0` (10.91.0.2/30) in `<p>-ctl`, so

@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use airlock_testbed::{addr, unique_prefix, Lab, NetNs, Signal};
+use airlock_testbed::{addr, unique_prefix, AgentConfig, Lab, LabOptions, NetNs, Signal};
 
 const OPEN: Duration = Duration::from_secs(3);
 /// Packets to a closed boundary vanish; give them this long to (not) arrive.
@@ -26,8 +26,15 @@ fn ip6(a: std::net::Ipv6Addr) -> IpAddr {
     IpAddr::V6(a)
 }
 
+/// A lab with the eBPF layer alone: these tests allow flows by hand
+/// (`flow add`, eBPF only), which the nftables layer would drop.
 fn lab() -> Lab {
-    Lab::start(&unique_prefix()).expect("lab with an enforcing agent")
+    let prefix = unique_prefix();
+    let opts = LabOptions {
+        config: AgentConfig::for_lab(&prefix).ebpf_only(),
+        ..LabOptions::new(&prefix)
+    };
+    Lab::start_with(opts).expect("lab with an enforcing agent")
 }
 
 /// A TCP server in `ns` answering "pong" to each connection until dropped.
@@ -533,4 +540,122 @@ fn detach_outside_the_appliance_namespace_is_refused() {
         "still enforcing"
     );
     assert_eq!(lab.topology().appliance().read_sysctl("net.ipv4.ip_forward").expect("sysctl"), "1");
+}
+
+/// The packets counted by the nftables rule in `app` whose comment is `comment`.
+fn nft_rule_packets(app: &NetNs, comment: &str) -> u64 {
+    let t = app.exec("nft", &["list", "table", "inet", "airlock"]).expect("nft table");
+    t.lines()
+        .find(|l| l.contains(comment))
+        .and_then(|l| l.split("packets ").nth(1)?.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no rule {comment:?} in {t}"))
+}
+
+/// UDP datagrams from `from` to `to` (nothing is expected back).
+fn udp_send(from: &NetNs, to: SocketAddr, n: usize) {
+    from.run(move || -> std::io::Result<()> {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        for _ in 0..n {
+            s.send_to(b"across", to)?;
+        }
+        Ok(())
+    })
+    .expect("enter namespace")
+    .expect("send");
+}
+
+/// True once the agent reports its controller stream connected (over mgmt0).
+fn stream_connected(lab: &Lab) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let out = lab.agent().cli(&["controller", "status", "--json"]).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        if v["stream_connected"] == true {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    false
+}
+
+#[test]
+fn the_management_port_carries_only_the_agents_own_connection() {
+    // Returns once the controller reports the appliance's bundle applied: the
+    // agent enrolled and streamed it over mgmt0, a port with role management.
+    let prefix = unique_prefix();
+    let mut lab =
+        Lab::start_with(LabOptions::with_controller(&prefix)).expect("lab with its controller");
+    let (p1, ctl, app) = {
+        let t = lab.topology();
+        let ctl = t.controller().expect("controller namespace").name().to_owned();
+        (t.p1().name().to_owned(), ctl, t.appliance().name().to_owned())
+    };
+    let ns = |n: &str| NetNs::existing(n);
+    let link = ns(&app).exec("ip", &["link", "show", "mgmt0"]).expect("ip link");
+    assert!(link.contains("xdp"), "mgmt0 is guarded: {link}");
+    assert!(stream_connected(&lab), "the agent reaches its controller over mgmt0");
+    let own = flows_json(&lab);
+    assert!(
+        own.iter().any(|f| f["ingress"] == "management"
+            && f["dst"] == addr::CONTROLLER_V4.to_string()
+            && f["src"] == addr::APPLIANCE_MGMT_V4.to_string()),
+        "the agent's own entry is a management entry: {own:?}"
+    );
+
+    // The controller's network routes to the patient side through the
+    // appliance, and an eBPF entry would allow the controller to p1 if
+    // mgmt0 were a boundary port.
+    ns(&ctl)
+        .exec("ip", &["route", "add", "10.77.0.0/24", "via", &addr::APPLIANCE_MGMT_V4.to_string()])
+        .expect("route");
+    let on_p1 = UdpEcho::start(&ns(&p1), ip4(addr::P1_V4));
+    let on_ctl = UdpEcho::start(&ns(&ctl), ip4(addr::CONTROLLER_V4));
+    let p1_port = on_p1.addr.port().to_string();
+    let ctl_ip = addr::CONTROLLER_V4.to_string();
+    allow(&lab, &ctl_ip, "10.77.0.11", "udp", Some(&p1_port), "9", "10m");
+    let across = |what: &str| {
+        udp_send(&ns(&ctl), on_p1.addr, 20);
+        udp_send(&ns(&p1), on_ctl.addr, 20);
+        thread::sleep(SHUT);
+        assert_eq!(on_p1.received(), 0, "{what}: nothing from the controller reaches p1");
+        assert_eq!(on_ctl.received(), 0, "{what}: nothing from p1 reaches the controller");
+    };
+    across("both layers");
+
+    // eBPF alone: the nftables table is gone.
+    let before = stats(&lab);
+    ns(&app).exec("nft", &["delete", "table", "inet", "airlock"]).expect("delete table");
+    across("eBPF alone");
+    let after = stats(&lab);
+    assert!(
+        after.packets("drop_no_flow") >= before.packets("drop_no_flow") + 40,
+        "both directions dropped by XDP: {}",
+        after.summary()
+    );
+
+    // nftables alone: a restart applies the last-known-good bundle (the
+    // table is back), the agent reaches its controller again; then it stops
+    // and the XDP programs are unpinned.
+    lab.agent_mut().restart().expect("restart");
+    assert!(stream_connected(&lab), "the agent reaches its controller again");
+    lab.agent_mut().stop().expect("stop");
+    assert_eq!(lab.agent().unpin_links().expect("unpin"), 3, "one link per port");
+    let link = ns(&app).exec("ip", &["link", "show", "mgmt0"]).expect("ip link");
+    assert!(!link.contains("xdp"), "no XDP program left: {link}");
+    across("nftables alone");
+    let app_ns = ns(&app);
+    assert!(
+        nft_rule_packets(&app_ns, airlock_policy_guard::IN) >= 20,
+        "forwarding from the management port refused"
+    );
+    assert!(
+        nft_rule_packets(&app_ns, airlock_policy_guard::OUT) >= 20,
+        "forwarding to the management port refused"
+    );
+}
+
+/// The nftables guard chain's rule comments (as `airlock_policy::nft` renders them).
+mod airlock_policy_guard {
+    pub const IN: &str = "enters through no boundary port";
+    pub const OUT: &str = "leaves through no boundary port";
 }

@@ -161,7 +161,12 @@ fn destroy_by_prefix_removes_leftovers() {
 #[test]
 fn lab_agent_is_driven_and_cleaned_up() {
     let prefix = unique_prefix();
-    let mut lab = airlock_testbed::Lab::start(&prefix).expect("start lab (agent built?)");
+    // The eBPF layer alone: the flow below is added by hand (eBPF only).
+    let opts = airlock_testbed::LabOptions {
+        config: airlock_testbed::AgentConfig::for_lab(&prefix).ebpf_only(),
+        ..airlock_testbed::LabOptions::new(&prefix)
+    };
+    let mut lab = airlock_testbed::Lab::start_with(opts).expect("start lab (agent built?)");
     let topo = lab.topology();
     let record = lab.agent().record().clone();
 

@@ -157,6 +157,56 @@ fn each_layer_alone_enforces_the_policy() {
     assert!(dropped > 0, "nftables counted the refused packets: {chain}");
 }
 
+/// The "default deny" counter of the nftables forward chain in `app`.
+fn nft_default_deny(app: &NetNs) -> u64 {
+    let chain = app.exec("nft", &["list", "chain", "inet", "airlock", "forward"]).expect("chain");
+    chain
+        .lines()
+        .find(|l| l.contains("default deny"))
+        .and_then(|l| l.split("packets ").nth(1)?.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no default-deny counter in {chain}"))
+}
+
+#[test]
+fn with_no_state_at_all_the_nftables_layer_fails_closed_too() {
+    // A fresh agent: no policy, no last-known-good state.
+    let lab = Lab::start(&unique_prefix()).expect("lab");
+    let t = lab.topology();
+    let app = NetNs::existing(t.appliance().name());
+    assert!(lab.agent().log().contains("nftables table installed with no flows"));
+    let table = app.exec("nft", &["list", "table", "inet", "airlock"]).expect("the table is there");
+    assert!(table.contains("drop comment \"default deny\""), "its final drop: {table}");
+    assert!(!table.contains(" . tcp . "), "and no flow: {table}");
+
+    // The eBPF layer lets this one flow through (an entry added by hand, eBPF
+    // only); the nftables layer alone still drops it, and counts it.
+    let svc = serve(t.external(), IpAddr::V4(addr::EXT_V4), 443);
+    let before = nft_default_deny(&app);
+    lab.agent()
+        .cli(&[
+            "flow",
+            "add",
+            "--src",
+            "10.77.0.11",
+            "--dst",
+            "10.78.0.100",
+            "--proto",
+            "tcp",
+            "--dport",
+            "443",
+            "--rule-id",
+            "5",
+            "--ttl",
+            "5m",
+        ])
+        .expect("flow add");
+    assert!(!tcp_ok(t.p1(), svc), "dropped by the nftables layer");
+    assert!(nft_default_deny(&app) > before, "by its final drop");
+    // Without the table the entry passes it: the table was what dropped it.
+    app.exec("nft", &["delete", "table", "inet", "airlock"]).expect("delete table");
+    assert!(tcp_ok(t.p1(), svc), "the eBPF entry passes it alone");
+}
+
 /// `policy apply` with the agent's fault-injection point set: the process
 /// SIGKILLs itself after the eBPF step, before nftables and the save.
 fn apply_and_crash_after_ebpf(lab: &Lab, text: &str) -> std::process::ExitStatus {

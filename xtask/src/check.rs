@@ -141,6 +141,9 @@ pub fn bench() -> Result<()> {
         "results: the Markdown table above, and {}",
         airlock_testbed::target_dir().join("bench-dataplane.json").display()
     );
+    let step = Step::start("cargo bench -p airlock-agent --bench apply");
+    step::run(step::cargo().args(["bench", "-p", "airlock-agent", "--bench", "apply"]))?;
+    step.ok();
     sync_bench()
 }
 

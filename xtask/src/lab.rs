@@ -280,7 +280,7 @@ fn print_summary(status: &LabStatus, agent: &AgentRecord, policy: Option<&Path>)
     if managed {
         println!(
             "  appliance ports: {PATIENT_PORT} (patient side), uplink0 (uplink side), \
-             {MGMT_PORT} (management network, to the controller; guarded as uplink side)"
+             {MGMT_PORT} (role management: only the agent's own link to the controller)"
         );
     } else {
         println!("  appliance ports: {PATIENT_PORT} (patient side), uplink0 (uplink side)");

@@ -21,7 +21,7 @@ use tracing::{debug, error, info, warn};
 
 use super::{
     identity::{Identity, IdentityPaths},
-    mgmt, renew, report,
+    renew, report,
     sync::{self, Decision, SyncEvent},
     unix_now, ControllerError, Shared, SyncStatus, Token,
 };
@@ -54,6 +54,9 @@ struct Active {
     tick: Interval,
     status: SyncStatus,
     tasks: Vec<JoinHandle<()>>,
+    /// The state store, kept open while the link is on (bundles are saved
+    /// into it); `None` when it could not be opened (then per save).
+    store: Option<SledStore>,
 }
 
 enum Stage {
@@ -116,7 +119,7 @@ impl Link {
         if cfg.controller.is_none() && !Identity::is_enrolled(&paths) {
             return link;
         }
-        match mgmt::ensure(&mut dp.maps, cfg, &[]) {
+        match dp.applier.ensure_management(cfg, &mut dp.maps, &[]) {
             Ok(n) => debug!(entries = n, "controller management entries in place"),
             Err(e) => warn!(error = %e, "cannot write the controller management entries"),
         }
@@ -183,7 +186,15 @@ impl Link {
             }
         };
         // The applied bundle version counts only for the same appliance id.
-        let lkg = SledStore::open(&cfg.appliance.state_dir).and_then(|s| s.load_state());
+        // The store stays open while the link is on (a local `policy apply`
+        // is refused meanwhile: the controller decides the policy).
+        let store = SledStore::open(&cfg.appliance.state_dir)
+            .inspect_err(|e| warn!(error = %super::chain(e), "cannot keep the state store open"))
+            .ok();
+        let lkg = match &store {
+            Some(s) => s.load_state(),
+            None => SledStore::open(&cfg.appliance.state_dir).and_then(|s| s.load_state()),
+        };
         let lkg_version = match lkg {
             Ok(Some(l)) if l.appliance() == id.record.appliance => l.bundle_version(),
             _ => None,
@@ -211,6 +222,7 @@ impl Link {
             tick: tokio::time::interval(Duration::from_secs(every.max(1))),
             status,
             tasks,
+            store,
         }));
     }
 
@@ -236,7 +248,7 @@ impl Link {
                 self.stage = Stage::Off;
             }
             Event::Enrolled(id) => {
-                if let Err(e) = mgmt::ensure(&mut dp.maps, cfg, &[]) {
+                if let Err(e) = dp.applier.ensure_management(cfg, &mut dp.maps, &[]) {
                     warn!(error = %e, "cannot write the controller management entries");
                 }
                 self.activate(cfg, &id);
@@ -246,7 +258,7 @@ impl Link {
                 // local `policy apply` replaced them (it makes the maps equal
                 // its policy), else the controller's answers stay dropped.
                 if matches!(&self.stage, Stage::On(a) if !a.status.connected) {
-                    if let Err(e) = mgmt::ensure(&mut dp.maps, cfg, &[]) {
+                    if let Err(e) = dp.applier.ensure_management(cfg, &mut dp.maps, &[]) {
                         debug!(error = %e, "cannot write the controller management entries");
                     }
                 }
@@ -313,7 +325,8 @@ impl Link {
             }
             Decision::Refuse(r) => Err(r),
             Decision::Apply(bundle) => {
-                apply(signed, &bundle, &a.shared.appliance, &a.key, cfg, dp).map(|()| bundle)
+                apply(signed, &bundle, &a.shared.appliance, &a.key, a.store.as_ref(), cfg, dp)
+                    .map(|()| bundle)
             }
         };
         match outcome {
@@ -330,33 +343,31 @@ impl Link {
     }
 }
 
-/// Applies a verified bundle to both layers, then keeps it as last-known-good.
+/// Applies a verified bundle to both layers through the run loop's applier
+/// (its record of both layers spares listing the maps), then keeps it as
+/// last-known-good in `store` (opened for the save when `None`).
 fn apply(
     signed: &SignedBundle,
     bundle: &airlock_proto::PolicyBundle,
     appliance: &str,
     key: &VerifyingKey,
+    store: Option<&SledStore>,
     cfg: &AgentConfig,
     dp: &mut Dataplane,
 ) -> Result<(), airlock_proto::agent::Refusal> {
     let now = policy_cmd::now();
     let entries = localize(&bundle.entries, now);
-    let previous = super::lkg::previous(cfg, now);
     let refused =
         |reason: String| airlock_proto::agent::Refusal { version: bundle.version, reason };
-    let (removed, upserted) = policy_cmd::apply_entries(
-        &entries,
-        bundle.policy_version,
-        previous.as_ref().map(|(e, v)| (e.as_slice(), *v)),
-        cfg,
-        &mut dp.maps,
-        now,
-    )
-    .map_err(|e| refused(format!("applying failed: {}", super::chain(&e))))?;
+    let n = entries.len();
+    let (removed, upserted) = dp
+        .applier
+        .apply(entries, bundle.policy_version, cfg, &mut dp.maps, now)
+        .map_err(|e| refused(format!("applying failed: {}", super::chain(&e))))?;
     info!(
         policy_version = bundle.policy_version,
-        entries = entries.len(),
-        expired = bundle.entries.len() - entries.len(),
+        entries = n,
+        expired = bundle.entries.len() - n,
         removed,
         upserted,
         "bundle applied"
@@ -369,7 +380,11 @@ fn apply(
         applied_at: now.unix_secs,
     });
     // Enforced now, but a restart would go back to the older state: say so.
-    if let Err(e) = SledStore::open(&cfg.appliance.state_dir).and_then(|s| s.save_state(&lkg)) {
+    let saved = match store {
+        Some(s) => s.save_state(&lkg),
+        None => SledStore::open(&cfg.appliance.state_dir).and_then(|s| s.save_state(&lkg)),
+    };
+    if let Err(e) = saved {
         error!(error = %super::chain(&e), "the applied bundle is not saved as last-known-good");
     }
     Ok(())

@@ -9,6 +9,7 @@ use airlock_proto::BundleError;
 
 use super::identity::{parse_bundle_key, IdentityError};
 use crate::{
+    applier::Applier,
     config::AgentConfig,
     maps::Maps,
     policy_cmd::{self, PolicyCmdError},
@@ -55,34 +56,17 @@ pub fn desired_entries(
     }
 }
 
-/// Applies `lkg` to both layers at `now` (no previous state: the nftables
-/// table is replaced whole). Returns (removed, upserted) of the eBPF step.
+/// Applies `lkg` to both layers at `now` through the daemon's `applier`
+/// (at start it knows nothing: the maps are listed and the nftables table
+/// is replaced whole). Returns (removed, upserted) of the eBPF step.
 pub fn restore(
     lkg: &Stored,
     cfg: &AgentConfig,
+    applier: &mut Applier,
     maps: &mut Maps,
     now: Now,
 ) -> Result<(usize, usize), RestoreError> {
     let origin = cfg.appliance.state_dir.join("last-known-good");
-    if let Stored::Policy(l) = lkg {
-        return Ok(policy_cmd::apply_policy(
-            &l.policy,
-            None,
-            &origin,
-            &l.appliance,
-            cfg,
-            maps,
-            now,
-        )?);
-    }
     let (entries, policy_version) = desired_entries(lkg, &origin, now)?;
-    Ok(policy_cmd::apply_entries(&entries, policy_version, None, cfg, maps, now)?)
-}
-
-/// The previous state for an apply: what the store holds, if it still
-/// yields entries (otherwise the nftables table is replaced whole).
-pub fn previous(cfg: &AgentConfig, now: Now) -> Option<(Vec<FlowEntry>, u32)> {
-    use crate::store::StateStore as _;
-    let lkg = crate::store::SledStore::open(&cfg.appliance.state_dir).ok()?.load_state().ok()??;
-    desired_entries(&lkg, &cfg.appliance.state_dir.join("last-known-good"), now).ok()
+    Ok(applier.apply(entries, policy_version, cfg, maps, now)?)
 }

@@ -5,9 +5,12 @@
 //! else (with no state at all, enrollment could never complete). For each
 //! controller endpoint this adds one infrastructure entry
 //! `appliance address -> controller:port (tcp)` whose replies may enter on the
-//! side the controller is on. Only the eBPF layer needs it (the nftables table
-//! has a forward hook only). The replies are bounded like any entry's: not a
-//! bare SYN, to ports >= `reply_min_port`, only from that address and port.
+//! side the controller is on: on a `management` port (the usual place) a
+//! management entry, which the kernel passes only as an answer addressed to
+//! the appliance itself on that port and never on a patient or uplink port.
+//! Only the eBPF layer needs it (the nftables table has forward hooks only).
+//! The replies are bounded like any entry's: not a bare SYN, to ports >=
+//! `reply_min_port`, only from that address and port.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs as _, UdpSocket};
 
@@ -80,9 +83,13 @@ pub fn entries_for(cfg: &AgentConfig, ep: &Endpoint) -> Vec<FlowEntry> {
             debug!(%dst, "the controller is not reached through a boundary port");
             continue;
         };
-        // The forward direction leaves towards the controller's side, so it
+        // On a management port the entry is a management entry: its answers
+        // enter there and nowhere else (the eBPF layer passes them only to the
+        // appliance's own address on that port). Through a boundary port the
+        // forward direction leaves towards the controller's side, so it
         // "enters" on the other one; the controller's answers enter on its side.
         let ingress = match role {
+            Role::Management => Ingress::Management,
             Role::Uplink => Ingress::Patient,
             Role::Patient => Ingress::Uplink,
         };
@@ -104,17 +111,6 @@ pub fn entries_for(cfg: &AgentConfig, ep: &Endpoint) -> Vec<FlowEntry> {
 /// The management entries for every endpoint.
 pub fn entries(cfg: &AgentConfig) -> Vec<FlowEntry> {
     endpoints(cfg).iter().flat_map(|ep| entries_for(cfg, ep)).collect()
-}
-
-/// `entries` plus the management entries whose flows they do not already hold.
-pub fn with_management(entries: &[FlowEntry], cfg: &AgentConfig) -> Vec<FlowEntry> {
-    let mut out = entries.to_vec();
-    for m in self::entries(cfg) {
-        if !out.iter().any(|e| e.flow == m.flow) {
-            out.push(m);
-        }
-    }
-    out
 }
 
 /// Writes the management entries for `extra` and the known endpoints into

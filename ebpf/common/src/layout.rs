@@ -32,6 +32,8 @@ pub mod program_names {
     pub const PATIENT: &str = "airlock_patient";
     /// XDP program for ports facing the uplink (towards WireGuard and the outside).
     pub const UPLINK: &str = "airlock_uplink";
+    /// XDP program for management ports (the agent's own link to its controller).
+    pub const MANAGEMENT: &str = "airlock_management";
     /// An XDP program that only returns DROP: the benchmark's baseline.
     pub const BASELINE: &str = "airlock_baseline";
     /// The patient program without drop events (benchmark reference only).
@@ -54,6 +56,11 @@ pub enum PortRole {
     Patient = 1,
     /// Faces the uplink (the WireGuard side).
     Uplink = 2,
+    /// The management network: carries only the appliance's own traffic (the
+    /// agent's connection to its controller). Nothing entering it passes
+    /// unless it is addressed to the appliance's own address on that port and
+    /// answers a management entry; it is on neither side of the boundary.
+    Management = 3,
 }
 
 impl PortRole {
@@ -62,15 +69,19 @@ impl PortRole {
         match v {
             1 => Some(Self::Patient),
             2 => Some(Self::Uplink),
+            3 => Some(Self::Management),
             _ => None,
         }
     }
 
-    /// The other side of the boundary.
+    /// The other side of the boundary: where an entry's replies enter. A
+    /// management entry's forward direction is the appliance's own output
+    /// and its replies enter on the management port: its own opposite.
     pub const fn opposite(self) -> Self {
         match self {
             Self::Patient => Self::Uplink,
             Self::Uplink => Self::Patient,
+            Self::Management => Self::Management,
         }
     }
 
@@ -79,6 +90,7 @@ impl PortRole {
         match self {
             Self::Patient => "patient",
             Self::Uplink => "uplink",
+            Self::Management => "management",
         }
     }
 }

@@ -286,6 +286,46 @@ fn exact_flow_passes_and_nothing_else() {
 }
 
 #[test]
+fn a_management_port_passes_only_answers_to_the_appliance_itself() {
+    const APP: [u8; 4] = [10, 90, 0, 1];
+    const CTL: [u8; 4] = [10, 90, 0, 100];
+    let mut t = web_table();
+    // The agent's entry to its controller: replies enter on the management port.
+    let mgmt = FlowValue {
+        ingress: PortRole::Management as u8,
+        ..entry(0, FLOW_ALLOW_REPLY | FLOW_INFRASTRUCTURE, u32::MAX)
+    };
+    t.v4.insert(FlowKeyV4::new(APP, CTL, proto::TCP, 8443), mgmt);
+    t.local.push(LocalAddrKey::v4(7, APP));
+    let answer = V4::tcp(CTL, APP, 8443, 40000, tcp_flags::ACK).frame();
+    assert_eq!(verdict(&t, &answer, PortRole::Management, 5), (Action::Pass, Reason::PassReply));
+    // Nothing for anyone else, even with an entry that would match: the
+    // controller to a patient host, or a patient flow arriving there.
+    let to_patient = V4::tcp(CTL, P1, 8443, 40000, tcp_flags::ACK).frame();
+    assert_eq!(
+        verdict(&t, &to_patient, PortRole::Management, 5),
+        (Action::Drop, Reason::DropNoFlow)
+    );
+    let patient_flow = V4::tcp(P1, EXT, 40000, 443, tcp_flags::SYN).frame();
+    assert_eq!(verdict(&t, &patient_flow, PortRole::Management, 5).0, Action::Drop);
+    let reply_to_p1 = V4::tcp(EXT, P1, 443, 40000, tcp_flags::ACK).frame();
+    assert_eq!(verdict(&t, &reply_to_p1, PortRole::Management, 5).0, Action::Drop);
+    // A new connection from the controller to the appliance: not an answer.
+    let syn = V4::tcp(CTL, APP, 8443, 40000, tcp_flags::SYN).frame();
+    assert_eq!(verdict(&t, &syn, PortRole::Management, 5).0, Action::Drop);
+    let forward = V4::tcp(APP, CTL, 40000, 8443, tcp_flags::SYN).frame();
+    t.local.push(LocalAddrKey::v4(7, CTL));
+    assert_eq!(verdict(&t, &forward, PortRole::Management, 5).0, Action::Drop);
+    // The management entry is inert on the boundary's ports.
+    for role in [PortRole::Patient, PortRole::Uplink] {
+        assert_eq!(verdict(&t, &answer, role, 5), (Action::Drop, Reason::DropWrongPort));
+        assert_eq!(verdict(&t, &forward, role, 5), (Action::Drop, Reason::DropWrongPort));
+    }
+    assert_eq!(PortRole::from_u8(3), Some(PortRole::Management));
+    assert_eq!(PortRole::Management.opposite(), PortRole::Management);
+}
+
+#[test]
 fn expiry_is_checked_and_clock_read_only_when_needed() {
     let t = web_table();
     let ok = V4::tcp(P1, EXT, 40000, 443, tcp_flags::ACK).frame();

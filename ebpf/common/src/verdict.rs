@@ -126,7 +126,9 @@ pub fn check_forward(
     role: PortRole,
     now: &impl Fn() -> u64,
 ) -> Result<(), Reason> {
-    if m.ingress != role as u8 {
+    // Nothing enters a management port in the forward direction: its
+    // entries' forward direction is the appliance's own output.
+    if m.ingress != role as u8 || matches!(role, PortRole::Management) {
         return Err(Reason::DropWrongPort);
     }
     if !live(m, now) {
@@ -215,6 +217,19 @@ pub fn decide<T: FlowTable>(
             };
         }
     };
+    // A management port carries the appliance's own traffic only: whatever
+    // the entries say, nothing that is not addressed to its own address on
+    // that port passes (so nothing is forwarded from it).
+    if matches!(role, PortRole::Management) {
+        let own = if v4 {
+            LocalAddrKey::v4(ifindex, frame.dst4())
+        } else {
+            LocalAddrKey::v6(ifindex, frame.dst)
+        };
+        if !table.is_local(&own) {
+            return drop(Reason::DropNoFlow, T::NO_ENTRY);
+        }
+    }
     let lookup = |src: &[u8; 16], dst: &[u8; 16], port: [u8; 2]| {
         if v4 {
             table.get_v4(&FlowKeyV4 {

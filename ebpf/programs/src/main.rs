@@ -1,6 +1,6 @@
 //! Airlock's XDP programs: the patient-network boundary in the kernel.
 //!
-//! Two entry points, one per port role, share every map; the role is a
+//! Three entry points, one per port role, share every map; the role is a
 //! compile-time constant of each. Each entry is thin: parse the frame
 //! ([`airlock_ebpf_common::parse`]), decide ([`airlock_ebpf_common::decide`]),
 //! count, maybe emit a drop event, return the verdict. All logic lives in the
@@ -53,6 +53,13 @@ pub fn airlock_patient(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn airlock_uplink(ctx: XdpContext) -> u32 {
     handle::<true>(&ctx, PortRole::Uplink)
+}
+
+/// XDP program for management ports: only answers to the agent's own
+/// connections, addressed to the appliance itself.
+#[xdp]
+pub fn airlock_management(ctx: XdpContext) -> u32 {
+    handle::<true>(&ctx, PortRole::Management)
 }
 
 /// The patient program without drop events: never attached, it is the

@@ -117,77 +117,46 @@ impl Lab {
     /// with a controller, once the controller reports the appliance's bundle
     /// applied.
     pub fn start_with(opts: LabOptions) -> Result<Lab> {
+        if !opts.controller {
+            let topology = Topology::build_with(
+                &opts.prefix,
+                TopologyOptions { controller: false, host_link: opts.host_link },
+            )?;
+            let state_dir = state_dir_of(&opts);
+            let agent = start_agent(&opts, &state_dir, opts.config.clone())?;
+            if let Some(p) = &opts.policy {
+                agent.apply_policy(p)?;
+            }
+            return Ok(Lab { agent, controller: None, topology });
+        }
+        let pending = Self::start_controller(opts)?;
+        let mut api = pending.controller.client()?;
+        let token = api.create_appliance(LAB_APPLIANCE)?;
+        if let Some(p) = &pending.opts.policy {
+            api.apply_policy_file(p, "lab start")?;
+        }
+        pending.enroll(&token.token)
+    }
+
+    /// The first half of a managed lab: the topology and the controller,
+    /// with no appliance record, no policy and no agent yet — for tests that
+    /// enroll the appliance the way an admin does (the web UI) and then hand
+    /// the token to [`PendingLab::enroll`]. `opts.policy` is not applied.
+    pub fn start_controller(mut opts: LabOptions) -> Result<PendingLab> {
+        opts.controller = true;
         let topology = Topology::build_with(
             &opts.prefix,
-            TopologyOptions { controller: opts.controller, host_link: opts.host_link },
+            TopologyOptions { controller: true, host_link: opts.host_link },
         )?;
-        let state_dir = opts.state_dir.clone().unwrap_or_else(|| {
-            std::env::temp_dir().join(format!("airlock-testbed-{}", opts.prefix))
+        let ctl_ns = topology.controller().ok_or(Error::ControllerNotRunning)?;
+        let dir = opts.controller_dir.clone().unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("airlock-testbed-{}-controller", opts.prefix))
         });
-        let appliance_ns = Node::Appliance.namespace(&opts.prefix);
-        let mut config = opts.config.clone();
-        let mut managed = None;
-        if let Some(ctl_ns) = topology.controller() {
-            let dir = opts.controller_dir.clone().unwrap_or_else(|| {
-                std::env::temp_dir().join(format!("airlock-testbed-{}-controller", opts.prefix))
-            });
-            let mut copts = ControllerOptions::for_lab(ctl_ns.name(), dir, opts.host_link);
-            copts.bin = opts.controller_bin.clone();
-            copts.die_with_parent = opts.die_with_parent;
-            let controller = Controller::start(copts)?;
-            let mut api = controller.client()?;
-            let token = api.create_appliance(LAB_APPLIANCE)?;
-            if let Some(p) = &opts.policy {
-                api.apply_policy_file(p, "lab start")?;
-            }
-            let token_file = provision_token(&state_dir, &token.token)?;
-            config = config.with_controller(ControllerSection {
-                url: controller.record().url.clone(),
-                ca_fingerprint: controller.record().ca_fingerprint.clone(),
-                enrollment_token_file: Some(token_file),
-                report_interval_secs: opts.report_interval_secs,
-            });
-            managed = Some((controller, api));
-        }
-        let agent = Agent::start(AgentOptions {
-            netns: appliance_ns,
-            state_dir: state_dir.clone(),
-            config,
-            bin: opts.agent_bin,
-            ready_timeout: opts.ready_timeout,
-            die_with_parent: opts.die_with_parent,
-        });
-        let agent = match agent {
-            Ok(a) => a,
-            Err(e) => {
-                // The token file may be all that is there.
-                let _ = std::fs::remove_dir_all(&state_dir);
-                return Err(e);
-            }
-        };
-        let controller = match managed {
-            Some((controller, mut api)) => {
-                if let Err(e) = api.wait_applied(LAB_APPLIANCE, opts.converge_timeout) {
-                    return Err(Error::NotConverged {
-                        what: "enrollment and the first bundle",
-                        waited: opts.converge_timeout,
-                        last: format!(
-                            "{e}\n--- agent log ---\n{}\n--- controller log ---\n{}",
-                            agent.log_tail(20),
-                            controller.log_tail(20)
-                        ),
-                    });
-                }
-                Some(controller)
-            }
-            None => {
-                if let Some(p) = &opts.policy {
-                    agent.apply_policy(p)?;
-                }
-                None
-            }
-        };
-        Ok(Lab { agent, controller, topology })
+        let mut copts = ControllerOptions::for_lab(ctl_ns.name(), dir, opts.host_link);
+        copts.bin = opts.controller_bin.clone();
+        copts.die_with_parent = opts.die_with_parent;
+        let controller = Controller::start(copts)?;
+        Ok(PendingLab { controller, topology, opts })
     }
 
     /// The namespaces.
@@ -237,6 +206,83 @@ impl Lab {
         let controller = controller.map(Controller::into_detached);
         (topology.into_detached(), record, controller)
     }
+}
+
+/// A managed lab whose appliance has not enrolled yet (see
+/// [`Lab::start_controller`]). Dropping it stops the controller and deletes
+/// the namespaces.
+#[derive(Debug)]
+pub struct PendingLab {
+    // Field order is drop order.
+    controller: Controller,
+    topology: Topology,
+    opts: LabOptions,
+}
+
+impl PendingLab {
+    /// The running controller.
+    pub fn controller(&self) -> &Controller {
+        &self.controller
+    }
+
+    /// The namespaces.
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// Provisions `token` on the appliance and starts its agent, which
+    /// enrolls by itself; returns once the controller reports the
+    /// appliance's newest bundle applied.
+    pub fn enroll(self, token: &str) -> Result<Lab> {
+        let PendingLab { controller, topology, opts } = self;
+        let state_dir = state_dir_of(&opts);
+        let token_file = provision_token(&state_dir, token)?;
+        let config = opts.config.clone().with_controller(ControllerSection {
+            url: controller.record().url.clone(),
+            ca_fingerprint: controller.record().ca_fingerprint.clone(),
+            enrollment_token_file: Some(token_file),
+            report_interval_secs: opts.report_interval_secs,
+        });
+        let agent = start_agent(&opts, &state_dir, config)?;
+        let mut api = controller.client()?;
+        if let Err(e) = api.wait_applied(LAB_APPLIANCE, opts.converge_timeout) {
+            return Err(Error::NotConverged {
+                what: "enrollment and the first bundle",
+                waited: opts.converge_timeout,
+                last: format!(
+                    "{e}\n--- agent log ---\n{}\n--- controller log ---\n{}",
+                    agent.log_tail(20),
+                    controller.log_tail(20)
+                ),
+            });
+        }
+        Ok(Lab { agent, controller: Some(controller), topology })
+    }
+}
+
+fn state_dir_of(opts: &LabOptions) -> PathBuf {
+    opts.state_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("airlock-testbed-{}", opts.prefix)))
+}
+
+fn start_agent(
+    opts: &LabOptions,
+    state_dir: &std::path::Path,
+    config: AgentConfig,
+) -> Result<Agent> {
+    let agent = Agent::start(AgentOptions {
+        netns: Node::Appliance.namespace(&opts.prefix),
+        state_dir: state_dir.to_path_buf(),
+        config,
+        bin: opts.agent_bin.clone(),
+        ready_timeout: opts.ready_timeout,
+        die_with_parent: opts.die_with_parent,
+    });
+    agent.inspect_err(|_| {
+        // The token file may be all that is there.
+        let _ = std::fs::remove_dir_all(state_dir);
+    })
 }
 
 /// Writes the enrollment token to `<dir>/enrollment-token` (0600; the

@@ -65,7 +65,7 @@ pub use error::{Error, Result};
 pub use host::{
     agent_bin, bpffs_mounted, controller_bin, ensure_bpffs, target_dir, workspace_root, BPFFS,
 };
-pub use lab::{Lab, LabOptions, DEFAULT_CONVERGE_TIMEOUT};
+pub use lab::{Lab, LabOptions, PendingLab, DEFAULT_CONVERGE_TIMEOUT};
 pub use names::unique_prefix;
 pub use netns::NetNs;
 pub use status::{

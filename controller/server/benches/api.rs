@@ -26,7 +26,7 @@ use std::{
     process::Command, sync::Arc, time::Instant,
 };
 
-use airlock_controller::{config::ControllerConfig, run::Started};
+use airlock_controller::config::ControllerConfig;
 use http_body_util::{BodyExt as _, Full};
 use hyper::{body::Bytes, Request};
 use rustls::{
@@ -35,6 +35,10 @@ use rustls::{
 };
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+
+#[path = "common.rs"]
+mod common;
+use common::enroll_up_to;
 
 const LAB: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../policies/lab.toml");
 
@@ -81,27 +85,6 @@ async fn call(
     let status = resp.status().as_u16();
     let b = resp.into_body().collect().await.unwrap().to_bytes();
     (status, String::from_utf8_lossy(&b).into_owned())
-}
-
-/// Adds appliances `ward-NNNN` up to `n`: token, enrollment with a fresh key,
-/// and the signed bundle enrollment stores.
-fn enroll_up_to(started: &Started, n: usize) {
-    let st = &started.state;
-    let have = st.appliances.list().unwrap().len();
-    for i in have..n {
-        let id = format!("ward-{i:04}");
-        let now = st.now();
-        let (token, _) = st.appliances.create(&id, None, now).unwrap();
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let csr = rcgen::CertificateParams::new(vec![])
-            .unwrap()
-            .serialize_request(&key)
-            .unwrap()
-            .pem()
-            .unwrap();
-        st.appliances.enroll(&st.ca, &st.registry, &token, &csr, now).unwrap();
-        st.policies.bundle_for(&id, now).unwrap();
-    }
 }
 
 /// CPU seconds (user + system) of this process and of its waited-for children.

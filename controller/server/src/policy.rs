@@ -9,7 +9,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::Mutex,
+    sync::{Arc, Mutex},
 };
 
 use ed25519_dalek::SigningKey;
@@ -131,6 +131,9 @@ fn describe(e: &FlowEntry, now: u64) -> String {
     )
 }
 
+/// A policy and its validated form, shared.
+pub type Checked = Arc<(Policy, Resolved)>;
+
 /// The policy service.
 #[derive(Debug)]
 pub struct Policies {
@@ -142,12 +145,20 @@ pub struct Policies {
     /// decrypt and parse whole bundles: set when signing, filled from the
     /// store on a miss, only ever raised (versions strictly increase).
     versions: Mutex<HashMap<String, u64>>,
+    /// The current version's checked model (see [`Policies::current_checked`]).
+    checked: Mutex<Option<(u32, Checked)>>,
 }
 
 impl Policies {
     /// Over `store`, signing with `key`.
     pub fn new(store: Store, key: SigningKey) -> Self {
-        Self { store, key, lock: Mutex::new(()), versions: Mutex::new(HashMap::new()) }
+        Self {
+            store,
+            key,
+            lock: Mutex::new(()),
+            versions: Mutex::new(HashMap::new()),
+            checked: Mutex::new(None),
+        }
     }
 
     fn note_version(&self, appliance: &str, v: u64) {
@@ -217,11 +228,25 @@ impl Policies {
         Ok(out)
     }
 
-    fn current_resolved(&self) -> Result<Option<Resolved>, PolicyError> {
-        let Some(p) = self.current()? else { return Ok(None) };
-        let (_, mut r) = check(&p.text, p.format)?;
-        r.version = p.version;
-        Ok(Some(r))
+    /// The current version's model, checked: parsed once per version and
+    /// shared (a 1,000-appliance policy takes ~25 ms to parse and validate).
+    pub fn current_checked(&self) -> Result<Option<Checked>, PolicyError> {
+        let Some(v) = self.current_version()? else { return Ok(None) };
+        if let Some((cv, c)) = &*self.checked.lock().unwrap_or_else(|p| p.into_inner()) {
+            if *cv == v {
+                return Ok(Some(c.clone()));
+            }
+        }
+        let p = self.version(v)?;
+        let (policy, mut r) = check(&p.text, p.format)?;
+        r.version = v;
+        let c = Arc::new((policy, r));
+        *self.checked.lock().unwrap_or_else(|p| p.into_inner()) = Some((v, c.clone()));
+        Ok(Some(c))
+    }
+
+    fn current_resolved(&self) -> Result<Option<Checked>, PolicyError> {
+        self.current_checked()
     }
 
     /// What applying `upload` would open and close, per appliance.
@@ -230,7 +255,7 @@ impl Policies {
         let from = self.current_version()?;
         new.version = from.unwrap_or(0) + 1;
         let old = match self.current_resolved()? {
-            Some(r) => compiled(&r, now)?,
+            Some(r) => compiled(&r.1, now)?,
             None => BTreeMap::new(),
         };
         let new = compiled(&new, now)?;
@@ -381,7 +406,7 @@ impl Policies {
         let r = self.current_resolved()?;
         let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let (version, entries) = match &r {
-            Some(r) => (r.version, compiled(r, now)?.remove(appliance).unwrap_or_default()),
+            Some(r) => (r.1.version, compiled(&r.1, now)?.remove(appliance).unwrap_or_default()),
             None => (0, Vec::new()),
         };
         self.sign_locked(appliance, version, &entries, now)

@@ -29,6 +29,45 @@ struct Inner {
     names: Vec<String>,
     index: HashMap<String, usize>,
     series: HashMap<String, Vec<Sample>>,
+    /// The sum over all appliances, kept as reports arrive: bucket start
+    /// (a multiple of [`STEP`]) → per-name rate; so the fleet's chart costs
+    /// the same at 10 or 10,000 appliances.
+    total: BTreeMap<u64, Vec<Option<f64>>>,
+}
+
+/// The bucket width of the fleet-wide sum, in seconds.
+pub const STEP: u64 = 10;
+/// How long the fleet-wide sum is kept, in seconds.
+const KEEP: u64 = 2 * 3600;
+
+/// Spreads the rates of the interval `a`→`b` over the `step`-wide buckets
+/// (aligned to multiples of `step`) that overlap `[from, to)`, calling
+/// `add(bucket start, name index, rate × overlap / step)`.
+fn spread(
+    a: &Sample,
+    b: &Sample,
+    from: u64,
+    to: u64,
+    step: u64,
+    mut add: impl FnMut(u64, usize, f64),
+) {
+    let (lo, hi) = (a.at.max(from), b.at.min(to));
+    if hi <= lo {
+        return;
+    }
+    let dt = (b.at - a.at) as f64;
+    let mut bs = lo - lo % step;
+    while bs < hi {
+        let be = bs + step;
+        let overlap = (hi.min(be) - lo.max(bs)) as f64;
+        for (i, (&va, &vb)) in a.values.iter().zip(&b.values).enumerate() {
+            if va == MISSING || vb == MISSING || vb < va {
+                continue; // not reported, or reset: no rate for this interval
+            }
+            add(bs, i, (vb - va) as f64 / dt * overlap / step as f64);
+        }
+        bs = be;
+    }
 }
 
 /// The history of every appliance's counters.
@@ -70,10 +109,26 @@ impl Telemetry {
         if s.last().is_some_and(|l| l.at >= at) {
             return; // same second or clock went back: keep the older sample
         }
+        let sample = Sample { at, values };
+        if let Some(prev) = s.last() {
+            let names = inner.names.len();
+            let total = &mut inner.total;
+            spread(prev, &sample, 0, u64::MAX, STEP, |bs, i, v| {
+                let cells = total.entry(bs).or_insert_with(|| vec![None; names]);
+                if cells.len() < names {
+                    cells.resize(names, None);
+                }
+                cells[i] = Some(cells[i].unwrap_or(0.0) + v);
+            });
+            let horizon = at.saturating_sub(KEEP);
+            while inner.total.first_key_value().is_some_and(|(k, _)| *k < horizon) {
+                inner.total.pop_first();
+            }
+        }
         if s.len() == SAMPLES {
             s.remove(0);
         }
-        s.push(Sample { at, values });
+        s.push(sample);
     }
 
     /// Forgets an appliance.
@@ -82,45 +137,43 @@ impl Telemetry {
     }
 
     /// Rates of `appliances` (all when `None`), summed, in `buckets` buckets of
-    /// `step` seconds ending at `now`.
+    /// `step` seconds: the last one ends at `now` rounded down to `step`
+    /// (a bucket still filling is not shown).
     pub fn rates(&self, appliances: Option<&[&str]>, now: u64, step: u64, buckets: usize) -> Rates {
         let step = step.max(1);
         let buckets = buckets.max(1);
-        let from = now.saturating_sub(step * buckets as u64);
+        let end = now - now % step;
+        let from = end.saturating_sub(step * buckets as u64);
         let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let mut sums: Vec<Vec<Option<f64>>> = vec![vec![None; buckets]; g.names.len()];
-        let mut one = |samples: &[Sample]| {
-            for w in samples.windows(2) {
-                let (a, b) = (&w[0], &w[1]);
-                if b.at <= from || a.at >= now {
-                    continue;
-                }
-                let dt = (b.at - a.at) as f64;
-                for (i, line) in sums.iter_mut().enumerate() {
-                    let va = a.values.get(i).copied().unwrap_or(MISSING);
-                    let vb = b.values.get(i).copied().unwrap_or(MISSING);
-                    if va == MISSING || vb == MISSING || vb < va {
-                        continue; // not reported, or reset: no rate for this interval
-                    }
-                    let rate = (vb - va) as f64 / dt;
-                    // The rate holds over [a.at, b.at]; credit each bucket it overlaps.
-                    let first = (a.at.max(from) - from) / step;
-                    let last = ((b.at.min(now) - from).saturating_sub(1)) / step;
-                    for k in first..=last.min(buckets as u64 - 1) {
-                        let (bs, be) = (from + k * step, from + (k + 1) * step);
-                        let overlap = b.at.min(be).saturating_sub(a.at.max(bs));
-                        if overlap == 0 {
-                            continue;
-                        }
-                        let cell = &mut line[k as usize];
-                        *cell = Some(cell.unwrap_or(0.0) + rate * overlap as f64 / step as f64);
-                    }
-                }
+        let mut add = |bs: u64, i: usize, v: f64| {
+            if let Some(cell) =
+                sums.get_mut(i).and_then(|l| l.get_mut(((bs - from) / step) as usize))
+            {
+                *cell = Some(cell.unwrap_or(0.0) + v);
             }
         };
         match appliances {
-            Some(ids) => ids.iter().filter_map(|id| g.series.get(*id)).for_each(|s| one(s)),
-            None => g.series.values().for_each(|s| one(s)),
+            None if step == STEP => {
+                for (bs, cells) in g.total.range(from..end) {
+                    for (i, v) in cells.iter().enumerate() {
+                        if let Some(v) = v {
+                            add(*bs, i, *v);
+                        }
+                    }
+                }
+            }
+            _ => {
+                let ids: Vec<&Vec<Sample>> = match appliances {
+                    Some(ids) => ids.iter().filter_map(|id| g.series.get(*id)).collect(),
+                    None => g.series.values().collect(),
+                };
+                for samples in ids {
+                    for w in samples.windows(2) {
+                        spread(&w[0], &w[1], from, end, step, &mut add);
+                    }
+                }
+            }
         }
         let lines = g
             .names
@@ -201,6 +254,52 @@ mod tests {
         assert_eq!(t.inner.lock().unwrap().series["b"].len(), SAMPLES);
         t.forget("b");
         assert!(!t.inner.lock().unwrap().series.contains_key("b"));
+    }
+
+    #[test]
+    fn the_running_fleet_sum_equals_a_full_scan() {
+        let t = Telemetry::default();
+        // Uneven, unaligned report times, resets and counters that appear late.
+        let mut x = 7u64;
+        let mut next = || {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x >> 33
+        };
+        for a in 0..20u64 {
+            let id = format!("a{a}");
+            let mut at = 1_000 + a;
+            let mut total = 0u64;
+            for k in 0..60u64 {
+                at += 3 + next() % 15;
+                total = if next() % 40 == 0 { 0 } else { total + next() % 5000 };
+                let mut c = vec![("pass_flow", total)];
+                if k > 20 {
+                    c.push(("drop_no_flow", k * 3));
+                }
+                t.record(&id, at, &c.iter().map(|(n, v)| ((*n).to_owned(), *v)).collect());
+            }
+        }
+        let ids: Vec<String> = (0..20).map(|a| format!("a{a}")).collect();
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        for now in [1_300, 1_555, 1_900] {
+            let fast = t.rates(None, now, STEP, 60);
+            let scan = t.rates(Some(&refs), now, STEP, 60);
+            assert_eq!(fast.from, scan.from);
+            assert_eq!(
+                fast.lines.keys().collect::<Vec<_>>(),
+                scan.lines.keys().collect::<Vec<_>>()
+            );
+            for (name, line) in &fast.lines {
+                for (f, s) in line.iter().zip(&scan.lines[name]) {
+                    match (f, s) {
+                        (Some(f), Some(s)) => {
+                            assert!((f - s).abs() < 1e-6 * s.abs().max(1.0), "{name}: {f} vs {s}")
+                        }
+                        (f, s) => assert_eq!(f.is_some(), s.is_some(), "{name}"),
+                    }
+                }
+            }
+        }
     }
 
     #[test]

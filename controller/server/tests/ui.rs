@@ -257,7 +257,14 @@ async fn a_bad_policy_is_shown_with_its_problems_and_nothing_is_applied() {
         .await;
     assert_eq!(ok.header("location"), "/policy/versions/2?applied=1");
     let page = ui.get("/policy/versions/1").await;
-    assert!(page.body.contains("Roll back to version 1"));
+    assert!(page.body.contains("/policy/versions/1/rollback"));
+    let review = ui.get("/policy/versions/1/rollback").await;
+    assert_eq!(review.status, 200);
+    assert!(
+        review.body.contains("Roll back to version 1") && review.body.contains("Changes:"),
+        "{}",
+        review.body
+    );
     let no_why =
         ui.post("/policy/rollback", &form(&[("csrf", &ui.csrf), ("to_version", "1")])).await;
     assert_eq!(no_why.status, 400);

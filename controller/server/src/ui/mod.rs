@@ -264,6 +264,7 @@ pub fn ui_router(state: Arc<AppState>) -> Router {
         .route("/policy/edit", get(pages::policy::edit))
         .route("/policy/versions", get(pages::policy::history))
         .route("/policy/versions/{v}", get(pages::policy::version))
+        .route("/policy/versions/{v}/rollback", get(pages::policy::rollback_review))
         .route("/ui/live/convergence/{v}", get(pages::policy::convergence_live))
         .route("/policy/rollback", post(pages::policy::rollback))
         .route("/services", get(pages::services::page))

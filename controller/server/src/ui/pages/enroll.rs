@@ -69,9 +69,8 @@ pub struct EnrollForm {
 }
 
 fn in_policy(st: &AppState, id: &str) -> Option<bool> {
-    let cur = st.policies.current().ok()??;
-    let (p, _) = crate::policy::check(&cur.text, cur.format).ok()?;
-    Some(p.appliances.iter().any(|a| a.name == id))
+    let c = st.policies.current_checked().ok()??;
+    Some(c.0.appliances.iter().any(|a| a.name == id))
 }
 
 /// `POST /appliances`.

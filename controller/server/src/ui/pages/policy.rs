@@ -452,12 +452,6 @@ pub async fn version(
     let now = st.now();
     let p = st.policies.version(n)?;
     let current = st.policies.current_version()?;
-    let rollback_diff = if Some(n) != current && v.may(Action::WritePolicy) {
-        let up = PolicyUpload { text: p.text.clone(), format: p.format, comment: String::new() };
-        st.policies.diff(&up, now).ok()
-    } else {
-        None
-    };
     Ok(layout::page(
         &v,
         Nav::History,
@@ -470,24 +464,56 @@ pub async fn version(
             }
             (version_facts(&p, now))
             (convergence(&st, n, now)?)
-            @if let Some(diff) = &rollback_diff {
-                section.panel aria-labelledby="rb-h" {
-                    h2 #rb-h { "Roll back to version " (n) }
-                    p { "A rollback stores this text as a new version. It would do this:" }
-                    (diff_view(diff))
-                    form.stack method="post" action="/policy/rollback" {
-                        input type="hidden" name="csrf" value=(v.csrf);
-                        input type="hidden" name="to_version" value=(n);
-                        div {
-                            label for="rb-comment" { "Why" }
-                            input #rb-comment type="text" name="comment" required maxlength="500";
-                        }
-                        div.actions { button type="submit" { "Roll back to version " (n) } }
-                    }
-                }
+            @if Some(n) != current && v.may(Action::WritePolicy) {
+                p.actions { a.button.secondary href={ "/policy/versions/" (n) "/rollback" } { "Review a rollback to version " (n) } }
             }
             h2 { "Text" }
             (listing(&p.text, &[]))
+        },
+    ))
+}
+
+/// `GET /policy/versions/{v}/rollback`: what a rollback would do, and the form.
+pub async fn rollback_review(State(st): St, v: Viewer, Path(n): Path<u32>) -> Page {
+    v.require(Action::WritePolicy)?;
+    let now = st.now();
+    let p = st.policies.version(n)?;
+    let up = PolicyUpload { text: p.text.clone(), format: p.format, comment: String::new() };
+    let diff = match st.policies.diff(&up, now) {
+        Ok(d) => d,
+        Err(PolicyError::Invalid(problems)) => {
+            // A version valid when stored but not under today's rules.
+            return Ok(layout::page(
+                &v,
+                Nav::History,
+                &format!("Roll back to version {n}"),
+                html! {
+                    h1 { "Version " (n) " cannot be restored as it is" }
+                    (problem_summary(&problems))
+                    p { a href="/policy/edit" { "Edit the current policy instead" } }
+                },
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    Ok(layout::page(
+        &v,
+        Nav::History,
+        &format!("Roll back to version {n}"),
+        html! {
+            p { a href={ "/policy/versions/" (n) } { "← Version " (n) } }
+            h1 #rb-h { "Roll back to version " (n) }
+            p { "A rollback stores the text of version " (n) " as a new version " (diff.to_version) ". It would do this:" }
+            (diff_view(&diff))
+            form.stack method="post" action="/policy/rollback" {
+                input type="hidden" name="csrf" value=(v.csrf);
+                input type="hidden" name="to_version" value=(n);
+                div {
+                    label for="rb-comment" { "Why" }
+                    input #rb-comment type="text" name="comment" required maxlength="500";
+                }
+                div.actions { button type="submit" { "Roll back to version " (n) } }
+            }
         },
     ))
 }

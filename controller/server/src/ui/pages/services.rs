@@ -130,12 +130,9 @@ fn page_body(
     errors: &[(String, String)],
 ) -> Result<Markup, PageErr> {
     let now = st.now();
-    let cur = st.policies.current()?;
-    let services = cur
-        .as_ref()
-        .and_then(|p| crate::policy::check(&p.text, p.format).ok())
-        .map(|(p, _)| p.services)
-        .unwrap_or_default();
+    let checked = st.policies.current_checked()?;
+    let cur = checked.is_some().then_some(());
+    let services = checked.as_ref().map_or(&[][..], |c| c.0.services.as_slice());
     let appliances = st.appliances.list().map_err(PageErr::from)?;
     let field_error = |f: &str| errors.iter().find(|(k, _)| k == f).map(|(_, m)| m.clone());
     let general: Vec<&String> = errors
@@ -154,7 +151,7 @@ fn page_body(
             @else {
                 div.table-wrap { table {
                     thead { tr { th scope="col" { "Service" } th scope="col" { "Endpoint" } th scope="col" { "Destinations" } th scope="col" { "Allowed" } th scope="col" { "Public key" } th scope="col" { "Data use" } } }
-                    tbody { @for s in &services { tr {
+                    tbody { @for s in services { tr {
                         th scope="row" { (s.name) }
                         td.mono { (s.endpoint) }
                         td.mono { (s.addresses.join(", ")) }
@@ -273,8 +270,7 @@ pub async fn preview(
         ports,
         data_use: f.data_use.trim().to_owned(),
     };
-    let index =
-        crate::policy::check(&cur.text, cur.format).map(|(p, _)| p.services.len()).unwrap_or(0);
+    let index = st.policies.current_checked()?.map_or(0, |c| c.0.services.len());
     let text = with_service(&cur.text, cur.format, &svc)
         .map_err(|e| PageErr::BadRequest(format!("The current policy cannot be extended: {e}")))?;
     match crate::policy::check(&text, cur.format) {

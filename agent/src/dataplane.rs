@@ -13,7 +13,8 @@ use airlock_ebpf_common::layout::{program_names, PortRole, Settings, LAYOUT_VERS
 use aya::{
     programs::{
         links::{FdLink, PinnedLink},
-        ProgramError, Xdp, XdpMode,
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
     Ebpf, EbpfError, EbpfLoader,
 };
@@ -246,7 +247,20 @@ impl Dataplane {
                 source,
             })?;
         }
+        if ports.iter().any(|(_, _, role)| *role == PortRole::Management) {
+            egress_program(&mut ebpf)?.load().map_err(|source| DataplaneError::Program {
+                what: "verifier load",
+                program: program_names::MANAGEMENT_EGRESS,
+                source,
+            })?;
+        }
         for (p, (_, ifindex, role)) in cfg.ports.iter().zip(&ports) {
+            if *role == PortRole::Management {
+                // Egress first: from its first packet in, nothing forwarded
+                // leaves through the port.
+                let how = guard_egress(&mut ebpf, &p.name)?;
+                info!(port = %p.name, ifindex, attachment = ?how, "management port: egress guarded");
+            }
             let how = attach_port(&mut ebpf, &layout, p, *ifindex, *role)?;
             info!(port = %p.name, ifindex, role = role.as_str(), attachment = ?how, "port enforcing");
         }
@@ -368,6 +382,62 @@ fn attach_port(
     Ok(Attachment::Attached(mode))
 }
 
+/// The tc filter of the management egress program: a fixed priority and
+/// handle, so that a restart replaces the program in place (there is no
+/// instant without it). A tc filter stays attached when the agent exits.
+const EGRESS_PRIORITY: u16 = 0xa1;
+const EGRESS_HANDLE: TcHandle = TcHandle::new(0, 0xa1);
+
+fn egress_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, DataplaneError> {
+    let name = program_names::MANAGEMENT_EGRESS;
+    ebpf.program_mut(name)
+        .ok_or(DataplaneError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| DataplaneError::Program { what: "type check", program: name, source })
+}
+
+/// Puts the management egress program on `port` (tc egress, clsact): only
+/// the appliance's own packets leave through it. Replaces the filter of an
+/// earlier run atomically, else adds it. Netlink tc rather than a tcx link:
+/// the appliance image's kernel (6.1) has no tcx.
+fn guard_egress(ebpf: &mut Ebpf, port: &str) -> Result<Attachment, DataplaneError> {
+    let program = program_names::MANAGEMENT_EGRESS;
+    let err = |what| move |source| DataplaneError::Program { what, program, source };
+    // Already there after an earlier run: that is fine.
+    if let Err(e) = tc::qdisc_add_clsact(port) {
+        tracing::debug!(port, error = %e, "clsact qdisc not added (present already?)");
+    }
+    let prog = egress_program(ebpf)?;
+    let earlier = SchedClassifierLink::attached(
+        port,
+        TcAttachType::Egress,
+        EGRESS_PRIORITY,
+        EGRESS_HANDLE,
+        None,
+    );
+    let (id, how) = match earlier
+        .map_err(|e| e.to_string())
+        .and_then(|l| prog.attach_to_link(l).map_err(|e| e.to_string()))
+    {
+        Ok(id) => (id, Attachment::Replaced),
+        Err(_) => {
+            let options = TcAttachOptions::Netlink(NlOptions {
+                priority: EGRESS_PRIORITY,
+                handle: EGRESS_HANDLE,
+                ..NlOptions::default()
+            });
+            let id = prog
+                .attach_with_options(port, TcAttachType::Egress, options)
+                .map_err(err("tc egress attach"))?;
+            (id, Attachment::Attached(XdpMode::Skb))
+        }
+    };
+    let link = prog.take_link(id).map_err(err("take link"))?;
+    // Dropping the link would detach the filter; it must outlive the agent.
+    std::mem::forget(link);
+    Ok(how)
+}
+
 fn replace_in_pinned_link(prog: &mut Xdp, pin: &Path) -> Result<(), String> {
     let pinned = PinnedLink::from_pin(pin).map_err(|e| e.to_string())?;
     let link =
@@ -407,6 +477,16 @@ pub fn detach(cfg: &AgentConfig, force: bool) -> Result<usize, DataplaneError> {
         check_pins_are_here(&layout)?;
     }
     netif::set_forwarding(false)?;
+    for p in cfg.ports.iter().filter(|p| p.role == crate::config::Role::Management) {
+        match tc::qdisc_detach_program(
+            &p.name,
+            TcAttachType::Egress,
+            program_names::MANAGEMENT_EGRESS,
+        ) {
+            Ok(()) => info!(port = %p.name, "management egress guard removed"),
+            Err(e) => warn!(port = %p.name, error = %e, "no management egress guard removed"),
+        }
+    }
     let mut removed = 0;
     for dir in [layout.links(), layout.maps()] {
         let rd = match std::fs::read_dir(&dir) {

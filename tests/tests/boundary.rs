@@ -612,7 +612,13 @@ fn the_management_port_carries_only_the_agents_own_connection() {
     let on_ctl = UdpEcho::start(&ns(&ctl), ip4(addr::CONTROLLER_V4));
     let p1_port = on_p1.addr.port().to_string();
     let ctl_ip = addr::CONTROLLER_V4.to_string();
+    let ctl_port = on_ctl.addr.port().to_string();
     allow(&lab, &ctl_ip, "10.77.0.11", "udp", Some(&p1_port), "9", "10m");
+    // ... and one would allow p1 to the controller: its packets pass XDP on
+    // patient0 but may not leave through mgmt0 (the tc egress guard).
+    allow(&lab, "10.77.0.11", &ctl_ip, "udp", Some(&ctl_port), "8", "10m");
+    let egress = ns(&app).exec("tc", &["filter", "show", "dev", "mgmt0", "egress"]).expect("tc");
+    assert!(egress.contains("airlock_management_egress"), "egress guarded: {egress}");
     let across = |what: &str| {
         udp_send(&ns(&ctl), on_p1.addr, 20);
         udp_send(&ns(&p1), on_ctl.addr, 20);
@@ -628,8 +634,13 @@ fn the_management_port_carries_only_the_agents_own_connection() {
     across("eBPF alone");
     let after = stats(&lab);
     assert!(
-        after.packets("drop_no_flow") >= before.packets("drop_no_flow") + 40,
-        "both directions dropped by XDP: {}",
+        after.packets("drop_no_flow") >= before.packets("drop_no_flow") + 20,
+        "the controller's packets dropped by XDP on mgmt0: {}",
+        after.summary()
+    );
+    assert!(
+        after.packets("drop_wrong_port") >= before.packets("drop_wrong_port") + 20,
+        "p1's packets, allowed on patient0, dropped leaving through mgmt0: {}",
         after.summary()
     );
 
@@ -642,6 +653,7 @@ fn the_management_port_carries_only_the_agents_own_connection() {
     assert_eq!(lab.agent().unpin_links().expect("unpin"), 3, "one link per port");
     let link = ns(&app).exec("ip", &["link", "show", "mgmt0"]).expect("ip link");
     assert!(!link.contains("xdp"), "no XDP program left: {link}");
+    ns(&app).exec("tc", &["qdisc", "del", "dev", "mgmt0", "clsact"]).expect("remove the tc guard");
     across("nftables alone");
     let app_ns = ns(&app);
     assert!(

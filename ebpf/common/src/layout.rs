@@ -34,6 +34,9 @@ pub mod program_names {
     pub const UPLINK: &str = "airlock_uplink";
     /// XDP program for management ports (the agent's own link to its controller).
     pub const MANAGEMENT: &str = "airlock_management";
+    /// tc egress program for management ports: only the appliance's own
+    /// packets leave through them (nothing forwarded).
+    pub const MANAGEMENT_EGRESS: &str = "airlock_management_egress";
     /// An XDP program that only returns DROP: the benchmark's baseline.
     pub const BASELINE: &str = "airlock_baseline";
     /// The patient program without drop events (benchmark reference only).

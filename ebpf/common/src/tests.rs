@@ -321,6 +321,16 @@ fn a_management_port_passes_only_answers_to_the_appliance_itself() {
         assert_eq!(verdict(&t, &answer, role, 5), (Action::Drop, Reason::DropWrongPort));
         assert_eq!(verdict(&t, &forward, role, 5), (Action::Drop, Reason::DropWrongPort));
     }
+    // Leaving through the management port: the appliance's own packets only.
+    let egress = |frame: &[u8]| {
+        let f = parse(frame).unwrap();
+        crate::verdict::decide_management_egress(&f, 7, &t).action
+    };
+    assert_eq!(egress(&forward), Action::Pass, "the agent's own connection");
+    assert_eq!(egress(&arp(1, CTL)), Action::Pass, "ARP for the controller");
+    assert_eq!(egress(&patient_flow), Action::Drop, "forwarded from a patient host");
+    let from_uplink = V4::udp(EXT, CTL, 40000, 53).frame();
+    assert_eq!(egress(&from_uplink), Action::Drop, "forwarded from the uplink side");
     assert_eq!(PortRole::from_u8(3), Some(PortRole::Management));
     assert_eq!(PortRole::Management.opposite(), PortRole::Management);
 }

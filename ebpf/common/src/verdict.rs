@@ -260,3 +260,30 @@ pub fn decide<T: FlowTable>(
     }
     drop(fwd_err, T::NO_ENTRY)
 }
+
+/// The verdict for a parsed frame leaving through management port `ifindex`
+/// (tc egress): the appliance's own packets only — ARP and neighbour
+/// discovery (never forwarded), and IP whose source is the appliance's own
+/// address on that port. Anything else was forwarded from another port and
+/// is dropped (`DropWrongPort`): nothing is forwarded to a management port.
+#[inline(always)]
+pub fn decide_management_egress<T: FlowTable>(
+    frame: &Frame,
+    ifindex: u32,
+    table: &T,
+) -> Decision<T::Entry> {
+    let own = match frame.kind {
+        FrameKind::Arp | FrameKind::NdLink | FrameKind::NdLocal => {
+            return pass(Reason::PassNd, Direction::None, T::NO_ENTRY);
+        }
+        FrameKind::V4 => {
+            LocalAddrKey::v4(ifindex, [frame.src[0], frame.src[1], frame.src[2], frame.src[3]])
+        }
+        FrameKind::V6 => LocalAddrKey::v6(ifindex, frame.src),
+    };
+    if table.is_local(&own) {
+        pass(Reason::PassFlow, Direction::None, T::NO_ENTRY)
+    } else {
+        drop(Reason::DropWrongPort, T::NO_ENTRY)
+    }
+}

@@ -15,14 +15,14 @@ use airlock_ebpf_common::{
         Settings, DEFAULT_MAX_FLOWS, EVENTS_BYTES, MAX_LOCAL_ADDRS,
     },
     parse::{ethertype_of, parse_into, Frame, FrameKind, Packet},
-    verdict::{decide, Action, Direction, EntryMeta, FlowTable},
+    verdict::{decide, decide_management_egress, Action, Direction, EntryMeta, FlowTable},
 };
 use aya_ebpf::{
-    bindings::xdp_action,
+    bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
     helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
-    macros::{map, xdp},
+    macros::{classifier, map, xdp},
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
 };
 
 // Per-CPU values: each CPU bumps its own counters without atomics (~10 ns a
@@ -60,6 +60,63 @@ pub fn airlock_uplink(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn airlock_management(ctx: XdpContext) -> u32 {
     handle::<true>(&ctx, PortRole::Management)
+}
+
+/// The headers the parser reads at most (Ethernet + IPv6 + TCP), pulled into
+/// the linear part of an skb before parsing.
+const HEADERS: u32 = 14 + 40 + 20;
+
+/// tc egress program for management ports: only the appliance's own packets
+/// leave through them; anything forwarded there from another port is
+/// dropped (counted as `drop_wrong_port`). Passes are not counted: they are
+/// the appliance's own traffic, not the boundary's.
+#[classifier]
+pub fn airlock_management_egress(ctx: TcContext) -> i32 {
+    // A frame shorter than the headers fails to pull; the parser then
+    // refuses it from what is there.
+    let _ = ctx.pull_data(HEADERS);
+    // The frame's length is the skb's (a GSO packet is longer than its
+    // linear part); reads are bounded by the linear part.
+    let pkt = SkbPacket { start: ctx.data(), end: ctx.data_end(), len: ctx.len() as usize };
+    // SAFETY: the context's skb pointer is valid for this run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let mut frame = Frame::EMPTY;
+    let reason = match parse_into(&pkt, &mut frame) {
+        Err(reason) => reason,
+        Ok(()) => {
+            let d = decide_management_egress(&frame, ifindex, &Maps);
+            if d.action == Action::Pass {
+                return TC_ACT_OK;
+            }
+            d.reason
+        }
+    };
+    count(reason, pkt.len as u64);
+    TC_ACT_SHOT
+}
+
+/// The headers of an skb: `len` bytes long, of which `[start, end)` readable.
+struct SkbPacket {
+    start: usize,
+    end: usize,
+    len: usize,
+}
+
+impl Packet for SkbPacket {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    #[inline(always)]
+    fn bytes<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+        let at = self.start + off;
+        if at + N > self.end {
+            return None;
+        }
+        // SAFETY: [at, at + N) lies inside the linear data, checked just above.
+        Some(unsafe { core::ptr::read_unaligned(at as *const [u8; N]) })
+    }
 }
 
 /// The patient program without drop events: never attached, it is the

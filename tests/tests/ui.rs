@@ -126,11 +126,8 @@ fn an_admin_enrolls_edits_applies_and_rolls_back_in_the_browser() {
     wait_converged(&b);
     shot(&b, "policy-applied");
     let v1 = api.wait_applied(LAB_APPLIANCE, CONVERGE).expect("applied");
-    assert_eq!(
-        v1.health.as_ref().map(|h| h.flows),
-        Some(4),
-        "p1 → lab over v4 and v6, tcp and icmp"
-    );
+    let flows = |v: &airlock_testbed::ApplianceView| v.health.as_ref().map_or(0, |h| h.flows);
+    assert!(flows(&v1) > flows(&before), "the flow opened: {} → {}", flows(&before), flows(&v1));
 
     // A second version closes the flow; the rollback reopens it.
     b.goto(&format!("{base}/policy/edit")).expect("editor");
@@ -143,7 +140,7 @@ fn an_admin_enrolls_edits_applies_and_rolls_back_in_the_browser() {
     b.wait_for_url("version 2", |u| u.ends_with("/policy/versions/2?applied=1")).expect("applied");
     wait_converged(&b);
     let v2 = api.wait_applied(LAB_APPLIANCE, CONVERGE).expect("applied");
-    assert_eq!(v2.health.as_ref().map(|h| h.flows), Some(0));
+    assert_eq!(flows(&v2), flows(&before), "closed again");
 
     b.find("nav a[href='/policy/versions']").and_then(|e| e.click()).expect("History");
     b.wait_for_text("table", "close imaging for maintenance").expect("who/when/why");
@@ -160,7 +157,7 @@ fn an_admin_enrolls_edits_applies_and_rolls_back_in_the_browser() {
         .expect("rolled back");
     wait_converged(&b);
     let v3 = api.wait_applied(LAB_APPLIANCE, CONVERGE).expect("applied");
-    assert_eq!(v3.health.as_ref().map(|h| h.flows), Some(4), "the flow is back");
+    assert_eq!(flows(&v3), flows(&v1), "the flow is back");
 
     // Some traffic for the charts and the drop list: p2 is refused (default deny).
     let t = lab.topology();

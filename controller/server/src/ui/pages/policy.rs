@@ -113,7 +113,7 @@ fn editor(v: &Viewer, d: &Draft<'_>, problems: &[PolicyProblem], notice: Option<
             h1 { "Edit the policy" }
             @if let Some(n) = notice { (n) }
             @if !problems.is_empty() { (problem_summary(problems)) }
-            form.stack method="post" action="/policy/preview" {
+            form.stack.wide method="post" action="/policy/preview" {
                 input type="hidden" name="csrf" value=(v.csrf);
                 input type="hidden" name="format" value=(format_name(d.format));
                 input type="hidden" name="base" value=(d.base.map_or(String::new(), |b| b.to_string()));

@@ -35,7 +35,67 @@ fn wait_converged(b: &Browser) {
     .expect("the live region shows the appliance on the new version");
 }
 
+/// Basic accessibility checks on the page in the browser: a language, one
+/// `h1`, a label for every field, alt text, no empty control, text contrast
+/// at least WCAG AA (4.5:1, 3:1 for large text) on its computed background,
+/// and nothing wider than the window (tables scroll inside their box).
+const A11Y: &str = r#"
+const problems = [];
+if (!document.documentElement.lang) problems.push("no lang attribute");
+const h1 = document.querySelectorAll("h1").length;
+if (h1 !== 1) problems.push(h1 + " h1 elements");
+for (const el of document.querySelectorAll("input:not([type=hidden]), select, textarea")) {
+  if (!(el.labels && el.labels.length) && !el.getAttribute("aria-label")) problems.push("unlabelled field " + (el.id || el.name));
+}
+for (const img of document.querySelectorAll("img")) if (!img.hasAttribute("alt")) problems.push("img without alt");
+for (const c of document.querySelectorAll("button:not([hidden]), a[href]")) {
+  if (!c.textContent.trim() && !c.getAttribute("aria-label")) problems.push("control without a name");
+}
+function rgb(c) { return c.match(/[\d.]+/g).slice(0, 3).map(Number); }
+function lum([r, g, b]) {
+  const f = v => { v /= 255; return v <= 0.03928 ? v / 12.92 : Math.pow((v + 0.055) / 1.055, 2.4); };
+  return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b);
+}
+// The background behind el: translucent layers blended down to the first opaque one.
+function background(el) {
+  const layers = [];
+  for (; el; el = el.parentElement) {
+    const m = getComputedStyle(el).backgroundColor.match(/[\d.]+/g);
+    if (!m) continue;
+    const a = m.length < 4 ? 1 : Number(m[3]);
+    if (a > 0) { layers.push([Number(m[0]), Number(m[1]), Number(m[2]), a]); if (a >= 1) break; }
+  }
+  let c = [255, 255, 255];
+  for (let i = layers.length - 1; i >= 0; i--) {
+    const [r, g, b, a] = layers[i];
+    c = [r * a + c[0] * (1 - a), g * a + c[1] * (1 - a), b * a + c[2] * (1 - a)];
+  }
+  return c;
+}
+const walk = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+while (walk.nextNode()) {
+  const t = walk.currentNode, el = t.parentElement;
+  if (!t.textContent.trim() || el.closest("svg, [hidden], .skip")) continue;
+  const st = getComputedStyle(el);
+  if (st.visibility === "hidden" || st.display === "none") continue;
+  const a = lum(rgb(st.color)), b = lum(background(el));
+  const ratio = (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+  const size = parseFloat(st.fontSize), large = size >= 24 || (size >= 18.66 && Number(st.fontWeight) >= 700);
+  if (ratio < (large ? 3 : 4.5)) problems.push("contrast " + ratio.toFixed(2) + ": " + t.textContent.trim().slice(0, 40));
+}
+if (document.documentElement.scrollWidth > window.innerWidth + 1) {
+  problems.push("page wider than the window: " + document.documentElement.scrollWidth + " > " + window.innerWidth);
+}
+return problems;
+"#;
+
+fn check_a11y(b: &Browser, page: &str) {
+    let problems = b.execute(A11Y, vec![]).expect("the checks run");
+    assert_eq!(problems, Value::Array(vec![]), "accessibility problems on {page}");
+}
+
 fn shot(b: &Browser, name: &str) {
+    check_a11y(b, name);
     let p = b.screenshot(name).expect("screenshot");
     assert!(std::fs::metadata(&p).is_ok_and(|m| m.len() > 1000), "{}", p.display());
 }
@@ -187,5 +247,41 @@ fn an_admin_enrolls_edits_applies_and_rolls_back_in_the_browser() {
     b.find("nav a[href='/services']").and_then(|e| e.click()).expect("Services");
     b.wait_for_text("main", "regional-lab").expect("the lab's service");
     shot(&b, "services");
+
+    // Keyboard: the first Tab reaches the skip link, which leads to the content.
+    b.goto(&format!("{base}/")).expect("dashboard");
+    b.wait_for_text("h1", "Dashboard").expect("dashboard");
+    b.find("body").and_then(|e| e.type_text("\u{E004}")).expect("Tab");
+    let focused = b.execute("return document.activeElement.className", vec![]).expect("focus");
+    assert_eq!(focused, Value::from("skip"), "the skip link comes first");
     b.close().expect("browser closes cleanly");
+
+    // A tablet in portrait: the same pages fit its width.
+    let t = Browser::start(
+        BrowserOptions { window: (768, 1024), ..BrowserOptions::new("admin-workflow-tablet") }
+            .in_netns(lab.topology().controller().expect("controller ns").name())
+            .trust_ca(&lab.controller().expect("controller").record().ca_pem),
+    )
+    .expect("tablet browser");
+    t.goto(&format!("{base}/login")).expect("login");
+    t.fill("#user", "admin").expect("user");
+    t.fill("#password", &password).expect("password");
+    t.find("form button[type=submit]").and_then(|e| e.click()).expect("submit");
+    t.wait_for_text("h1", "Dashboard").expect("the dashboard");
+    for (path, h1) in [
+        ("/".to_owned(), "Dashboard"),
+        (format!("/appliances/{LAB_APPLIANCE}"), "Appliance"),
+        ("/policy".to_owned(), "Policy"),
+        ("/policy/edit".to_owned(), "Edit the policy"),
+        ("/policy/versions".to_owned(), "Policy history"),
+        ("/services".to_owned(), "External services"),
+    ] {
+        t.goto(&format!("{base}{path}")).expect("page");
+        t.wait_for_text("h1", h1).expect("the page");
+        check_a11y(&t, &format!("{path} at 768 px"));
+    }
+    t.goto(&format!("{base}/")).expect("dashboard");
+    t.wait_for_text("h1", "Dashboard").expect("dashboard");
+    shot(&t, "dashboard-tablet");
+    t.close().expect("browser closes cleanly");
 }

@@ -357,9 +357,16 @@ fn print_controller(
     } else {
         format!("ip netns exec {} curl --cacert {ca}", r.netns)
     };
-    println!("  UI / API:       {curl} {base}/");
+    println!(
+        "  web UI:         {base}/  (a browser on this host; trust {ca}, or compare the CA \
+         fingerprint above with the one on the login page; sign in as admin)"
+    );
+    println!("  API:            {curl} {base}/api/v1/openapi.json");
     if host_link {
-        println!("                  ip netns exec {} curl --cacert {ca} {}/", r.netns, r.url);
+        println!(
+            "                  ip netns exec {} curl --cacert {ca} {}/api/v1/openapi.json",
+            r.netns, r.url
+        );
     }
     println!(
         "  log in:         {curl} -H content-type:application/json \

@@ -823,7 +823,12 @@ fn controller_status(cfg: &AgentConfig, json: bool) -> Result<(), Failure> {
     use airlock_agent::{controller, store::StateStore};
     let dir = &cfg.appliance.state_dir;
     let store = if dir.exists() { SledStore::open(dir).ok() } else { None };
-    let v = controller::status(cfg, store.as_ref().map(|s| s as &dyn StateStore));
+    let mut v = controller::status(cfg, store.as_ref().map(|s| s as &dyn StateStore));
+    if store.is_none() && dir.exists() {
+        // A running agent keeps the store open while its controller link is on.
+        v.last_known_good = "unknown".to_owned();
+        v.errors.push("the state store is in use (by the running agent?)".to_owned());
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -849,6 +854,7 @@ fn controller_status(cfg: &AgentConfig, json: bool) -> Result<(), Failure> {
             "last-known-good: local policy file (policy version {})",
             v.policy_version.unwrap_or_default()
         ),
+        ("unknown", _) => println!("last-known-good: unknown (the state store is in use)"),
         _ => println!("last-known-good: none (everything is dropped)"),
     }
     if let Some(r) = &v.last_refusal {

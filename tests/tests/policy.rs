@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use airlock_testbed::{addr, unique_prefix, Lab, NetNs};
+use airlock_testbed::{addr, unique_prefix, Lab, LabOptions, NetNs, LAB_APPLIANCE};
 
 const LAB_POLICY: &str = include_str!("../../policies/lab.toml");
 
@@ -205,6 +205,58 @@ fn with_no_state_at_all_the_nftables_layer_fails_closed_too() {
     // Without the table the entry passes it: the table was what dropped it.
     app.exec("nft", &["delete", "table", "inet", "airlock"]).expect("delete table");
     assert!(tcp_ok(t.p1(), svc), "the eBPF entry passes it alone");
+}
+
+/// The rule ids of the flow entries in the maps.
+fn rule_ids(lab: &Lab) -> Vec<u64> {
+    let out = lab.agent().cli(&["flow", "list", "--json"]).expect("flow list");
+    let v: Vec<serde_json::Value> = serde_json::from_str(&out).expect("JSON");
+    v.iter().filter_map(|f| f["rule_id"].as_u64()).collect()
+}
+
+#[test]
+fn an_entry_another_process_wrote_is_seen_by_the_agents_next_change() {
+    // The running agent applies bundles against its record of what it wrote.
+    let lab = Lab::start_with(LabOptions::with_controller(&unique_prefix()))
+        .expect("lab with controller");
+    let svc = serve(lab.topology().external(), IpAddr::V4(addr::EXT_V4), 443);
+    assert!(tcp_ok(lab.topology().p1(), svc), "the lab policy is enforced");
+
+    // Another process writes the maps: an entry no policy has.
+    lab.agent()
+        .cli(&[
+            "flow",
+            "add",
+            "--src",
+            "10.77.0.12",
+            "--dst",
+            "10.78.0.100",
+            "--proto",
+            "tcp",
+            "--dport",
+            "8443",
+            "--rule-id",
+            "77",
+            "--ttl",
+            "10m",
+        ])
+        .expect("flow add");
+    assert!(rule_ids(&lab).contains(&77));
+
+    // The next change (every flow closed) lists the maps again, so it also
+    // removes the entry its record did not have: nothing stays open.
+    let closed = &LAB_POLICY[..LAB_POLICY.find("[[flow]]").expect("lab.toml has a flow")];
+    let mut api = lab.api().expect("controller API");
+    api.apply_policy(closed, "close every flow").expect("apply");
+    api.wait_applied(LAB_APPLIANCE, Duration::from_secs(30)).expect("applied");
+    let left = rule_ids(&lab);
+    assert!(!left.contains(&77), "the hand-written entry is gone: {left:?}");
+    assert!(
+        left.iter().all(|r| *r == u64::from(u32::MAX)),
+        "only the agent's management entries are left: {left:?}"
+    );
+    assert!(lab.agent().log().contains("another process wrote the flow maps"));
+    assert!(!tcp_ok(lab.topology().p1(), svc), "closed");
 }
 
 /// `policy apply` with the agent's fault-injection point set: the process

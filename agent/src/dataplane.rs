@@ -284,16 +284,25 @@ impl Dataplane {
     }
 
     /// What is wrong with the boundary now: a port gone or recreated under
-    /// another ifindex (its new device has no program), a link pin removed, or
-    /// an interface that is not a port. Empty when healthy.
+    /// another ifindex (its new device has no program), a link pin removed, a
+    /// management port's egress guard gone, or an interface that is not a
+    /// port. Empty when healthy.
     pub fn problems(&self, cfg: &AgentConfig) -> Vec<String> {
         let layout = cfg.pins();
         let mut out = Vec::new();
-        for (name, ifindex, _) in &self.ports {
+        for (name, ifindex, role) in &self.ports {
             match netif::ifindex(name) {
                 Ok(i) if i == *ifindex => {
                     if !layout.link(name, i).exists() {
                         out.push(format!("port {name}: link pin missing"));
+                    }
+                    if *role == PortRole::Management {
+                        let program = program_names::MANAGEMENT_EGRESS;
+                        match crate::tc_guard::egress_guard_present(i, program) {
+                            Ok(true) => {}
+                            Ok(false) => out.push(format!("port {name}: egress guard missing")),
+                            Err(e) => out.push(format!("port {name}: egress guard unknown: {e}")),
+                        }
                     }
                 }
                 Ok(i) => out.push(format!("port {name}: recreated (ifindex {ifindex} -> {i})")),

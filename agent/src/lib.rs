@@ -32,4 +32,5 @@ pub mod nft_netlink;
 pub mod nftables;
 pub mod policy_cmd;
 pub mod store;
+pub mod tc_guard;
 pub mod update;

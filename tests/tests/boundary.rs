@@ -617,8 +617,22 @@ fn the_management_port_carries_only_the_agents_own_connection() {
     // ... and one would allow p1 to the controller: its packets pass XDP on
     // patient0 but may not leave through mgmt0 (the tc egress guard).
     allow(&lab, "10.77.0.11", &ctl_ip, "udp", Some(&ctl_port), "8", "10m");
-    let egress = ns(&app).exec("tc", &["filter", "show", "dev", "mgmt0", "egress"]).expect("tc");
-    assert!(egress.contains("airlock_management_egress"), "egress guarded: {egress}");
+    let guarded = || {
+        ns(&app)
+            .exec("tc", &["filter", "show", "dev", "mgmt0", "egress"])
+            .is_ok_and(|f| f.contains("airlock_management_egress"))
+    };
+    assert!(guarded(), "egress guarded");
+    // A guard that goes away is noticed by the health check: forwarding off,
+    // the boundary installed again (guard back), forwarding on.
+    ns(&app).exec("tc", &["qdisc", "del", "dev", "mgmt0", "clsact"]).expect("remove the guard");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(guarded() && lab.agent().log().contains("boundary restored")) {
+        assert!(Instant::now() < deadline, "guard not restored: {}", lab.agent().log_tail(20));
+        thread::sleep(Duration::from_millis(200));
+    }
+    assert!(lab.agent().log().contains("egress guard missing"), "{}", lab.agent().log_tail(20));
+    assert_eq!(ns(&app).read_sysctl("net.ipv4.ip_forward").expect("sysctl"), "1");
     let across = |what: &str| {
         udp_send(&ns(&ctl), on_p1.addr, 20);
         udp_send(&ns(&p1), on_ctl.addr, 20);

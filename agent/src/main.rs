@@ -352,6 +352,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             rt.block_on(run(cfg, ready_file))?;
             Ok(())
         }
+        Command::Flow(cmd @ FlowCommand::List { .. }) => flow(&cfg.pins(), cmd),
         Command::Flow(cmd) => {
             // A running agent lists the maps again before its next change.
             note_external_write(&cfg);

@@ -89,11 +89,11 @@ pub enum UpdateError {
     NotABundle(String),
     #[error("the bundle has no {0}")]
     Missing(&'static str),
-    #[error("the bundle is not signed (no {SIGNATURE}): refused")]
+    #[error("the bundle is not signed (no {SIGNATURE})")]
     Unsigned,
     #[error(
         "the bundle's signature does not verify with this appliance's update key \
-         (signed by another key, or the manifest was changed): refused"
+         (signed by another key, or the manifest was changed)"
     )]
     BadSignature,
     #[error("the update key {0} is not an Ed25519 public key (64 hex digits)")]
@@ -115,13 +115,11 @@ pub enum UpdateError {
          good: updating now would overwrite the only known-good slot"
     )]
     RunningOnTrial { slot: Slot, entry: String },
-    #[error("{file} is {actual} bytes in the bundle but the manifest says {manifest}: refused")]
+    #[error("{file} is {actual} bytes in the bundle but the manifest says {manifest}")]
     WrongSize { file: String, manifest: u64, actual: u64 },
     #[error("the slot image ({size} bytes) does not fit partition {partition} ({capacity} bytes)")]
     TooLarge { size: u64, partition: String, capacity: u64 },
-    #[error(
-        "{file} does not match the signed manifest (sha256 {actual}, expected {expected}): refused"
-    )]
+    #[error("{file} does not match the signed manifest (sha256 {actual}, expected {expected})")]
     Checksum { file: String, expected: String, actual: String },
     #[error(
         "slot {slot} read back differs from the bundle (sha256 {actual}, expected {expected}); \

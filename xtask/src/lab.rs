@@ -302,7 +302,10 @@ fn print_summary(status: &LabStatus, agent: &AgentRecord, policy: Option<&Path>)
         None if managed => {}
         None => println!(
             "  allow a flow:   {nsenter} flow add --src 10.77.0.11 --dst 10.78.0.100 \
-             --proto tcp --dport 443 --rule-id 1 --ttl 5m"
+             --proto tcp --dport 443 --rule-id 1 --ttl 5m\n                  \
+             (eBPF only: the nftables table, installed with no flows, still drops it; \
+             ip netns exec {0}-app nft delete table inet airlock leaves the eBPF layer alone)",
+            status.lab
         ),
     }
     match policy {

@@ -13,7 +13,7 @@ mkdir -p /etc/airlock/provision /var/lib/airlock /sys/fs/bpf /efi
 step "services: agent, state, factory policy, boot report"
 systemctl enable airlock-state.service airlock-agent.service \
 	airlock-factory-policy.service airlock-boot-report.service \
-	airlock-boot-check.service airlock-update-media.service
+	airlock-boot-check.service airlock-update-media.service airlock-provision.service
 
 step "A/B updates: systemd-bless-boot present, no boot loader updates from the root"
 test -x /lib/systemd/systemd-bless-boot

@@ -85,6 +85,11 @@ struct Vm {
 
 impl Vm {
     fn boot(disk: &Path, scratch: &Path) -> Vm {
+        Vm::boot_with(disk, scratch, None)
+    }
+
+    /// Boots with an optional second disk (update media).
+    fn boot_with(disk: &Path, scratch: &Path, media: Option<&Path>) -> Vm {
         let q = qemu_dir();
         let vars = scratch.join("OVMF_VARS.fd");
         std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).expect("OVMF vars (apt ovmf)");
@@ -98,6 +103,10 @@ impl Vm {
         cmd.arg("-drive").arg(format!("if=pflash,format=raw,unit=1,file={}", vars.display()));
         cmd.arg("-drive").arg(format!("if=none,id=disk,format=raw,file={}", disk.display()));
         cmd.args(["-device", "virtio-blk-pci,drive=disk,bootindex=1"]);
+        if let Some(m) = media {
+            cmd.arg("-drive").arg(format!("if=none,id=media,format=raw,file={}", m.display()));
+            cmd.args(["-device", "virtio-blk-pci,drive=media"]);
+        }
         // Patient (eth0) and uplink (eth1): fixed PCI slots fix the kernel's
         // order; no option ROM, so the firmware does not try to PXE boot.
         for (i, slot) in [(0, 3), (1, 4)] {
@@ -155,6 +164,21 @@ impl Vm {
             }
             if Instant::now() > deadline {
                 panic!("no {what} within {timeout:?}; console tail:\n{}", self.tail());
+            }
+            thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// Waits for QEMU to exit by itself (a reboot, with -no-reboot).
+    #[cfg_attr(not(feature = "image-update"), allow(dead_code))]
+    fn wait_exit(&mut self, what: &str) -> Duration {
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        loop {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return self.started.elapsed();
+            }
+            if Instant::now() > deadline {
+                panic!("no {what} within {BOOT_TIMEOUT:?}; console tail:\n{}", self.tail());
             }
             thread::sleep(Duration::from_millis(250));
         }
@@ -265,6 +289,18 @@ fn boot_and_check(disk: &Path, scratch: &Path, boot: u32) -> Vec<String> {
     vm.lines()
 }
 
+/// Runs `cargo xtask ARGS` from the workspace.
+#[cfg(feature = "image-update")]
+fn xtask(args: &[&str]) {
+    let status = Command::new("cargo")
+        .current_dir(airlock_testbed::workspace_root())
+        .args(["run", "--quiet", "-p", "xtask", "--"])
+        .args(args)
+        .status()
+        .expect("running cargo xtask");
+    assert!(status.success(), "cargo xtask {} failed", args.join(" "));
+}
+
 /// First boot of a fresh copy: the state partition is formatted, the factory
 /// policy applied, the boundary enforced on both layers. Second boot of the
 /// same disk: the state is opened (not formatted again) and the agent itself
@@ -284,8 +320,33 @@ fn the_image_boots_enforces_and_keeps_its_state_across_a_reboot() {
         .and_then(|f| f.set_len(2 << 30))
         .expect("enlarging the disk copy");
 
+    // First-boot enrollment settings, written as a technician does at flash time.
+    let token = "it-token-Qx7Vb2NcM4pLr9Ws";
+    let status = Command::new("cargo")
+        .current_dir(airlock_testbed::workspace_root())
+        .args(["run", "--quiet", "-p", "xtask", "--", "image", "provision", "--image"])
+        .arg(&disk)
+        .args(["--controller", "https://10.0.2.2:8443", "--ca-fingerprint", &"ab".repeat(32)])
+        .env("AIRLOCK_ENROLLMENT_TOKEN", token)
+        .status()
+        .expect("cargo xtask image provision");
+    assert!(status.success(), "cargo xtask image provision failed");
+
     let first = boot_and_check(&disk, &scratch.0, 1);
     let said = |lines: &[String], what: &str| lines.iter().any(|l| l.contains(what));
+    assert!(
+        said(&first, "airlock-provision: enrollment token moved"),
+        "the provisioned token was not taken"
+    );
+    assert!(
+        said(&first, "airlock-provision: controller https://10.0.2.2:8443"),
+        "the agent did not get the provisioned controller"
+    );
+    let config = config_files(&disk);
+    assert!(config.contains("ENROLL~1.TOK") || config.contains("enrollment.token"), "{config}");
+    let prov = config_file(&disk, "provision.toml");
+    assert!(prov.contains("controller_url = \"https://10.0.2.2:8443\""), "{prov}");
+    assert!(!prov.contains("enrollment_token"), "the token stayed in provision.toml:\n{prov}");
     assert!(
         said(&first, "airlock-state: first boot: formatting"),
         "first boot did not format the state"
@@ -296,9 +357,341 @@ fn the_image_boots_enforces_and_keeps_its_state_across_a_reboot() {
     );
 
     let second = boot_and_check(&disk, &scratch.0, 2);
+    for lines in [&first, &second] {
+        assert!(!said(lines, token), "the enrollment token appeared on the console");
+    }
+    assert!(
+        said(&second, "airlock-provision: controller https://10.0.2.2:8443"),
+        "second boot: the agent lost the provisioned controller"
+    );
     assert!(!said(&second, "first boot: formatting"), "the second boot formatted the state again");
     assert!(
         !said(&second, "airlock-factory-policy: applied"),
         "the factory policy ran again on the second boot"
     );
+}
+
+/// The A/B update test (`cargo xtask test --image`).
+#[cfg(feature = "image-update")]
+mod update {
+    use super::*;
+
+    /// The update bundles the update test applies: release 2 (healthy) and
+    /// release 3 built with `--test-break-agent` (its agent refuses its
+    /// configuration, so its trial boots fail the boot check). Rebuilt when older
+    /// than the image under test; same signing key as the image.
+    fn update_bundles(image: &Path) -> (PathBuf, PathBuf) {
+        let image_time = std::fs::metadata(image).and_then(|m| m.modified()).expect("image mtime");
+        let dir = airlock_testbed::target_dir().join("image/update-test");
+        let mut out = Vec::new();
+        for (release, name, extra) in
+            [(2, "r2", None), (3, "r3-broken", Some("--test-break-agent"))]
+        {
+            let from = dir.join(name);
+            let bundle = from.join(format!("airlock-update-{release}.bundle"));
+            let fresh =
+                std::fs::metadata(&bundle).and_then(|m| m.modified()).is_ok_and(|t| t > image_time);
+            if !fresh {
+                let started = Instant::now();
+                let from_s = from.display().to_string();
+                let release_s = release.to_string();
+                let mut args = vec!["image", "--release", &release_s, "--out", &from_s];
+                args.extend(extra);
+                xtask(&args);
+                xtask(&["image", "update-bundle", "--from", &from_s]);
+                eprintln!(
+                    "update bundle release {release} ({name}) built in {:.0} s",
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            out.push(bundle);
+        }
+        (out.remove(0), out.remove(0))
+    }
+
+    /// A sparse copy of the image, enlarged to 2 GiB.
+    fn disk_copy(image: &Path, scratch: &Path) -> PathBuf {
+        let disk = scratch.join("disk.img");
+        let status = Command::new("cp")
+            .args(["--sparse=always"])
+            .arg(image)
+            .arg(&disk)
+            .status()
+            .expect("cp");
+        assert!(status.success(), "copying {}", image.display());
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&disk)
+            .and_then(|f| f.set_len(2 << 30))
+            .expect("enlarging the disk copy");
+        disk
+    }
+
+    /// The UKIs in the ESP's EFI/Linux, read from the host with mtools.
+    fn esp_entries(disk: &Path) -> Vec<String> {
+        let (offset, _) = partition(disk, "esp");
+        let out = Command::new("mdir")
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .arg("-b")
+            .arg("-i")
+            .arg(format!("{}@@{offset}", disk.display()))
+            .arg("::/EFI/Linux")
+            .output()
+            .expect("mdir");
+        assert!(out.status.success(), "mdir: {}", String::from_utf8_lossy(&out.stderr));
+        let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.trim().rsplit('/').next().map(str::to_owned))
+            .filter(|n| !n.is_empty())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// SHA-256 of a partition's bytes.
+    fn partition_sha256(disk: &Path, name: &str) -> String {
+        let (offset, size) = partition(disk, name);
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "dd if='{}' bs=1M skip={} count={} status=none | sha256sum",
+                disk.display(),
+                offset >> 20,
+                size >> 20
+            ))
+            .output()
+            .expect("dd | sha256sum");
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// Update media: a disk with one GPT partition named airlock-update holding
+    /// the bundle's bytes (how a technician carries a bundle on a USB stick).
+    fn media(bundle: &Path, scratch: &Path, tag: &str) -> PathBuf {
+        let path = scratch.join(format!("media-{tag}.img"));
+        let len = std::fs::metadata(bundle).expect("bundle").len();
+        let sectors = len.div_ceil(1 << 20) * 2048 + 2048;
+        let f = std::fs::File::create(&path).expect("media file");
+        f.set_len((sectors + 2048 + 34) * 512).expect("media size");
+        drop(f);
+        let mut sf = Command::new("sfdisk")
+            .args(["--no-reread", "--no-tell-kernel", "-q"])
+            .arg(&path)
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("sfdisk");
+        sf.stdin
+            .take()
+            .unwrap()
+            .write_all(
+                format!("label: gpt\nstart=2048, size={sectors}, name=\"airlock-update\"\n")
+                    .as_bytes(),
+            )
+            .unwrap();
+        assert!(sf.wait().unwrap().success(), "sfdisk on the media");
+        let status = Command::new("dd")
+            .arg(format!("if={}", bundle.display()))
+            .arg(format!("of={}", path.display()))
+            .args(["bs=1M", "seek=1", "conv=notrunc,sparse", "status=none"])
+            .status()
+            .expect("dd");
+        assert!(status.success());
+        path
+    }
+
+    fn said(lines: &[String], what: &str) -> bool {
+        lines.iter().any(|l| l.contains(what))
+    }
+
+    /// The A/B update on the real image, through its update media path (the
+    /// agent's `update apply` inside the VM, real systemd-boot boot counting,
+    /// real systemd-bless-boot):
+    ///
+    /// 1. a tampered bundle is refused and nothing is written (slot b's bytes and
+    ///    the ESP unchanged);
+    /// 2. release 3, whose agent cannot become healthy, is written to slot b and
+    ///    boots on trial twice; both trials fail the boot check, the tries run
+    ///    out, and the machine is back on slot a, enforcing;
+    /// 3. release 2 is written to slot b; a power cut during its trial boot costs
+    ///    one try (`+1-1`) and nothing else; the next boot is healthy and
+    ///    systemd-bless-boot marks it good (`airlock-2-b.efi`).
+    ///
+    /// About 7 boots and two image builds: behind `cargo xtask test --image` (see
+    /// image/README.md), not in the default CI run.
+    #[test]
+    fn updates_boot_on_trial_roll_back_when_unhealthy_and_refuse_tampered_bundles() {
+        let test_started = Instant::now();
+        let image = image();
+        let (r2, r3) = update_bundles(&image);
+        let scratch = Scratch::new("update");
+        let disk = disk_copy(&image, &scratch.0);
+        let entries = |want: &[&str]| {
+            let got = esp_entries(&disk);
+            assert_eq!(got, want, "ESP EFI/Linux entries");
+        };
+        entries(&["airlock-1-a.efi"]);
+        eprintln!("bundle size: {} MiB", std::fs::metadata(&r2).unwrap().len() >> 20);
+
+        // 1. Tampered: one byte of the slot image changed after signing.
+        let tampered = scratch.0.join("tampered.bundle");
+        std::fs::copy(&r2, &tampered).unwrap();
+        {
+            use std::os::unix::fs::FileExt as _;
+            let f = std::fs::OpenOptions::new().read(true).write(true).open(&tampered).unwrap();
+            let at = f.metadata().unwrap().len() / 3;
+            let mut b = [0u8; 1];
+            f.read_exact_at(&mut b, at).unwrap();
+            f.write_all_at(&[b[0] ^ 0x01], at).unwrap();
+        }
+        let slot_b_before = partition_sha256(&disk, "airlock-root-b");
+        let mut vm =
+            Vm::boot_with(&disk, &scratch.0, Some(&media(&tampered, &scratch.0, "tampered")));
+        vm.wait_for("the tampered bundle's refusal", BOOT_TIMEOUT, |l| {
+            l.contains("airlock-agent: refused") || l.contains("airlock-update: applied")
+        });
+        let lines = vm.lines();
+        assert!(
+            said(&lines, "root.img does not match the signed manifest"),
+            "the tampered bundle was not refused for its checksum:\n{}",
+            vm.tail()
+        );
+        assert!(said(&lines, "AIRLOCK-REPORT agent: active"), "{}", vm.tail());
+        assert!(vm.power_off().success());
+        assert_eq!(partition_sha256(&disk, "airlock-root-b"), slot_b_before, "slot b was written");
+        entries(&["airlock-1-a.efi"]);
+        eprintln!("update: tampered bundle refused, nothing written");
+
+        // 2. Release 3 (unhealthy) to slot b, two failed trials, back to slot a.
+        let mut vm = Vm::boot_with(&disk, &scratch.0, Some(&media(&r3, &scratch.0, "r3")));
+        vm.wait_for("release 3 applied", BOOT_TIMEOUT, |l| {
+            l.contains("airlock-update: applied release 3") || l.contains("airlock-agent: refused")
+        });
+        let applied =
+            vm.lines().into_iter().find(|l| l.contains("airlock-update: applied release 3"));
+        let applied = applied.unwrap_or_else(|| panic!("release 3 refused:\n{}", vm.tail()));
+        eprintln!("update: {applied}");
+        vm.wait_exit("reboot after the update");
+        entries(&["airlock-1-a.efi", "airlock-3-b+2.efi"]);
+        for try_no in 1..=2 {
+            let mut vm = Vm::boot(&disk, &scratch.0);
+            let failed = vm.wait_for("the boot check's failure on the trial", BOOT_TIMEOUT, |l| {
+                l.contains("airlock-boot-check: FAILED: trial boot of slot b")
+                    || l.contains("airlock-boot-check: slot")
+            });
+            assert!(
+                said(&vm.lines(), "airlock-boot-check: FAILED: trial boot of slot b (release 3)"),
+                "trial {try_no} of release 3 did not fail its boot check:\n{}",
+                vm.tail()
+            );
+            let rebooted = vm.wait_exit("the reboot after a failed trial");
+            eprintln!(
+                "update: failed trial {try_no} of release 3: boot check failed at {:.0} s, reboot at {:.0} s",
+                failed.as_secs_f64(),
+                rebooted.as_secs_f64()
+            );
+        }
+        entries(&["airlock-1-a.efi", "airlock-3-b+0-2.efi"]);
+
+        // Back on slot a, enforcing; release 2 applied from media on this boot.
+        let mut vm = Vm::boot_with(&disk, &scratch.0, Some(&media(&r2, &scratch.0, "r2")));
+        let enforcing = vm.wait_for("the report after the rollback", BOOT_TIMEOUT, |l| {
+            l.contains("AIRLOCK-REPORT end")
+        });
+        let r = report(&vm.lines());
+        let all = r.join("\n");
+        assert!(r.iter().any(|l| l == "begin slot=a"), "not back on slot a:\n{all}");
+        assert!(r.iter().any(|l| l == "agent: active"), "{all}");
+        assert!(r.iter().any(|l| l.contains("nft: table inet airlock")), "{all}");
+        assert!(
+            r.iter().any(|l| l.contains("entry airlock-3-b+0-2.efi: slot b release 3 failed")),
+            "{all}"
+        );
+        eprintln!(
+            "update: rolled back to slot a, report complete at {:.0} s",
+            enforcing.as_secs_f64()
+        );
+        vm.wait_for("release 2 applied", BOOT_TIMEOUT, |l| {
+            l.contains("airlock-update: applied release 2") || l.contains("airlock-agent: refused")
+        });
+        let applied =
+            vm.lines().into_iter().find(|l| l.contains("airlock-update: applied release 2"));
+        let applied = applied.unwrap_or_else(|| panic!("release 2 refused:\n{}", vm.tail()));
+        eprintln!("update: {applied}");
+        vm.wait_exit("reboot after the update");
+        entries(&["airlock-1-a.efi", "airlock-2-b+2.efi"]);
+
+        // 3. A power cut during the trial boot costs one try and nothing else.
+        let mut vm = Vm::boot(&disk, &scratch.0);
+        vm.wait_for("the kernel of slot b", BOOT_TIMEOUT, |l| {
+            l.contains("Command line:") && l.contains("airlock.slot=b")
+        });
+        drop(vm);
+        entries(&["airlock-1-a.efi", "airlock-2-b+1-1.efi"]);
+        let mut vm = Vm::boot(&disk, &scratch.0);
+        let done = vm.wait_for("the report of the trial boot", BOOT_TIMEOUT, |l| {
+            l.contains("AIRLOCK-REPORT end")
+        });
+        let lines = vm.lines();
+        let r = report(&lines);
+        let all = r.join("\n");
+        assert!(r.iter().any(|l| l == "begin slot=b"), "{all}");
+        assert!(r.iter().any(|l| l == "agent: active"), "{all}");
+        assert!(r.iter().any(|l| l.contains("nft: table inet airlock")), "{all}");
+        assert!(r.iter().any(|l| l.contains("running: slot b release 2")), "{all}");
+        assert!(
+            r.iter().any(|l| l.contains("entry airlock-2-b.efi: slot b release 2 good")),
+            "the trial was not marked good:\n{all}"
+        );
+        assert!(said(&lines, "healthy on its trial boot"), "{}", vm.tail());
+        eprintln!(
+            "update: trial boot of release 2 marked good, report at {:.0} s",
+            done.as_secs_f64()
+        );
+        assert!(vm.power_off().success());
+        entries(&["airlock-1-a.efi", "airlock-2-b.efi"]);
+        eprintln!("update test: {:.0} s", test_started.elapsed().as_secs_f64());
+    }
+}
+
+/// The AIRLOCK-CFG partition's root listing (mtools, from the host).
+fn config_files(disk: &Path) -> String {
+    let (offset, _) = partition(disk, "airlock-config");
+    let out = Command::new("mdir")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .arg("-i")
+        .arg(format!("{}@@{offset}", disk.display()))
+        .arg("::/")
+        .output()
+        .expect("mdir");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A file on the AIRLOCK-CFG partition.
+fn config_file(disk: &Path, name: &str) -> String {
+    let (offset, _) = partition(disk, "airlock-config");
+    let out = Command::new("mtype")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .arg("-i")
+        .arg(format!("{}@@{offset}", disk.display()))
+        .arg(format!("::/{name}"))
+        .output()
+        .expect("mtype");
+    assert!(out.status.success(), "mtype {name}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// (offset, size) in bytes of a named GPT partition.
+fn partition(disk: &Path, name: &str) -> (u64, u64) {
+    let out = Command::new("sfdisk").arg("-J").arg(disk).output().expect("sfdisk -J");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("sfdisk JSON");
+    let p = v["partitiontable"]["partitions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["name"] == name)
+        .unwrap_or_else(|| panic!("no partition {name} in {}", disk.display()));
+    (p["start"].as_u64().unwrap() * 512, p["size"].as_u64().unwrap() * 512)
 }

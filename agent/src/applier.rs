@@ -301,8 +301,31 @@ impl Applier {
     }
 
     /// Removes expired entries from the maps (the kernel already refuses
-    /// them) and from the record.
+    /// them) and from the record. With a record that no other process made
+    /// doubtful, only the record's expired entries are looked up (a sweep of
+    /// the maps costs as much as listing them: ~0.3 s at 100k, on the run
+    /// loop that applies changes); else the maps are swept.
     pub fn remove_expired(&mut self, maps: &mut Maps, now_ns: u64) -> Result<usize, MapsError> {
+        let current = matches!(
+            (self.read_stamp(), &self.stamp),
+            (Ok(s), Some(seen)) if s == *seen
+        );
+        if let (true, Some(record)) = (current, &mut self.maps) {
+            let dead: Vec<_> =
+                record.iter().filter(|e| !e.is_live(now_ns)).map(|e| e.flow).collect();
+            let mut n = 0;
+            for f in &dead {
+                match maps.remove_if_expired(f, now_ns) {
+                    Ok(removed) => n += usize::from(removed),
+                    Err(e) => {
+                        self.maps = None;
+                        return Err(e);
+                    }
+                }
+            }
+            record.retain(|e| e.is_live(now_ns));
+            return Ok(n);
+        }
         match maps.remove_expired(now_ns) {
             Ok(n) => {
                 if let Some(record) = &mut self.maps {

@@ -246,6 +246,37 @@ impl Maps {
         Ok(n)
     }
 
+    /// Removes the entry for `flow` if it has expired at `now_ns` (read again
+    /// first: an entry re-added since it was found expired survives); true
+    /// when it removed one.
+    pub fn remove_if_expired(&mut self, flow: &Flow, now_ns: u64) -> Result<bool, MapsError> {
+        let probe = FlowEntry {
+            flow: *flow,
+            rule_id: 0,
+            policy_version: 0,
+            ingress: airlock_policy::Ingress::Patient,
+            allow_reply: false,
+            expiry: airlock_policy::Expiry::At(1),
+        };
+        match probe.to_map() {
+            MapEntry::V4(k, _) => {
+                if !self.flows_v4.get(&k, 0).is_ok_and(|v| expired(&v, now_ns)) {
+                    return Ok(false);
+                }
+                ignore_missing(self.flows_v4.remove(&k))
+                    .map_err(op("remove", map_names::FLOWS_V4))?;
+            }
+            MapEntry::V6(k, _) => {
+                if !self.flows_v6.get(&k, 0).is_ok_and(|v| expired(&v, now_ns)) {
+                    return Ok(false);
+                }
+                ignore_missing(self.flows_v6.remove(&k))
+                    .map_err(op("remove", map_names::FLOWS_V6))?;
+            }
+        }
+        Ok(true)
+    }
+
     /// Counters per reason, summed over CPUs, in reason order.
     pub fn stats(&self) -> Result<BTreeMap<Reason, Counter>, MapsError> {
         let mut out = BTreeMap::new();

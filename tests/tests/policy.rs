@@ -259,6 +259,39 @@ fn an_entry_another_process_wrote_is_seen_by_the_agents_next_change() {
     assert!(!tcp_ok(lab.topology().p1(), svc), "closed");
 }
 
+#[test]
+fn expired_entries_leave_the_maps_by_the_agents_record() {
+    let lab = Lab::start_with(LabOptions::with_controller(&unique_prefix()))
+        .expect("lab with controller");
+    // p2 gets a flow that ends in a few seconds.
+    let unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let out = std::process::Command::new("date")
+        .args(["-u", "-d", &format!("@{}", unix + 6), "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .expect("date");
+    let end = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let policy = format!(
+        "{LAB_POLICY}\n[[flow]]\nid = 2\nname = \"p2, briefly\"\nfrom = \"host:p2\"\n\
+         to = \"service:regional-lab\"\nproto = \"tcp\"\nport = 443\nexpires = \"{end}\"\n"
+    );
+    let mut api = lab.api().expect("controller API");
+    api.apply_policy(&policy, "p2 for a few seconds").expect("apply");
+    api.wait_applied(LAB_APPLIANCE, Duration::from_secs(30)).expect("applied");
+    assert_eq!(rule_ids(&lab).iter().filter(|r| **r == 2).count(), 2, "v4 and v6");
+
+    // The sweep finds them through the agent's record, and removes them.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while rule_ids(&lab).contains(&2) {
+        assert!(std::time::Instant::now() < deadline, "{}", lab.agent().log_tail(20));
+        thread::sleep(Duration::from_millis(250));
+    }
+    assert!(lab.agent().log().contains("expired flow entries removed"));
+    assert!(rule_ids(&lab).contains(&1), "the standing flow stays");
+}
+
 /// `policy apply` with the agent's fault-injection point set: the process
 /// SIGKILLs itself after the eBPF step, before nftables and the save.
 fn apply_and_crash_after_ebpf(lab: &Lab, text: &str) -> std::process::ExitStatus {

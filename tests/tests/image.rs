@@ -485,13 +485,13 @@ mod update {
             .expect("sfdisk");
         sf.stdin
             .take()
-            .unwrap()
+            .expect("sfdisk stdin")
             .write_all(
                 format!("label: gpt\nstart=2048, size={sectors}, name=\"airlock-update\"\n")
                     .as_bytes(),
             )
-            .unwrap();
-        assert!(sf.wait().unwrap().success(), "sfdisk on the media");
+            .expect("writing the partition table");
+        assert!(sf.wait().expect("sfdisk").success(), "sfdisk on the media");
         let status = Command::new("dd")
             .arg(format!("if={}", bundle.display()))
             .arg(format!("of={}", path.display()))
@@ -533,18 +533,22 @@ mod update {
             assert_eq!(got, want, "ESP EFI/Linux entries");
         };
         entries(&["airlock-1-a.efi"]);
-        eprintln!("bundle size: {} MiB", std::fs::metadata(&r2).unwrap().len() >> 20);
+        eprintln!("bundle size: {} MiB", std::fs::metadata(&r2).expect("bundle").len() >> 20);
 
         // 1. Tampered: one byte of the slot image changed after signing.
         let tampered = scratch.0.join("tampered.bundle");
-        std::fs::copy(&r2, &tampered).unwrap();
+        std::fs::copy(&r2, &tampered).expect("copying the bundle");
         {
             use std::os::unix::fs::FileExt as _;
-            let f = std::fs::OpenOptions::new().read(true).write(true).open(&tampered).unwrap();
-            let at = f.metadata().unwrap().len() / 3;
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&tampered)
+                .expect("bundle copy");
+            let at = f.metadata().expect("bundle copy").len() / 3;
             let mut b = [0u8; 1];
-            f.read_exact_at(&mut b, at).unwrap();
-            f.write_all_at(&[b[0] ^ 0x01], at).unwrap();
+            f.read_exact_at(&mut b, at).expect("reading the bundle copy");
+            f.write_all_at(&[b[0] ^ 0x01], at).expect("tampering with the bundle copy");
         }
         let slot_b_before = partition_sha256(&disk, "airlock-root-b");
         let mut vm =
@@ -693,5 +697,6 @@ fn partition(disk: &Path, name: &str) -> (u64, u64) {
         .flatten()
         .find(|p| p["name"] == name)
         .unwrap_or_else(|| panic!("no partition {name} in {}", disk.display()));
-    (p["start"].as_u64().unwrap() * 512, p["size"].as_u64().unwrap() * 512)
+    let sectors = |k: &str| p[k].as_u64().expect("sfdisk: partition start and size") * 512;
+    (sectors("start"), sectors("size"))
 }

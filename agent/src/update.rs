@@ -395,12 +395,23 @@ pub fn plan(
             capacity: partition_capacity,
         });
     }
-    let remove = parsed.iter().filter(|(_, e)| e.slot == target).map(|(n, _)| n.clone()).collect();
+    // The target slot's entries, and any half-written entry a power cut left behind.
+    let remove = parsed
+        .iter()
+        .filter(|(_, e)| e.slot == target)
+        .map(|(n, _)| n.clone())
+        .chain(entries.iter().filter(|n| is_partial_entry(n)).cloned())
+        .collect();
     Ok(Plan {
         target,
         remove,
         entry: BootEntry::trial(m.release, target, tries.clamp(1, MAX_TRIES)),
     })
+}
+
+/// An entry being written (`airlock-….efi.new`): systemd-boot ignores it.
+fn is_partial_entry(name: &str) -> bool {
+    name.strip_suffix(".new").and_then(BootEntry::parse).is_some()
 }
 
 /// The slot and release of the running system: `airlock.slot=` on the
@@ -1044,10 +1055,20 @@ mod tests {
         assert!(parse_running("airlock.slot=a", "seven").is_err());
         let fx = Fixture::new("plan");
         let m = fx.manifest(8);
-        let p = plan(&m, r, &["airlock-7-b.efi".into(), "airlock-5-a.efi".into()], PART, 3, false)
-            .unwrap();
+        let p = plan(
+            &m,
+            r,
+            &["airlock-7-b.efi".into(), "airlock-5-a.efi".into(), "airlock-6-a+2.efi.new".into()],
+            PART,
+            3,
+            false,
+        )
+        .unwrap();
         assert_eq!(p.target, Slot::A);
-        assert_eq!(p.remove, vec!["airlock-5-a.efi".to_owned()]);
+        assert_eq!(
+            p.remove,
+            vec!["airlock-5-a.efi".to_owned(), "airlock-6-a+2.efi.new".to_owned()]
+        );
         assert_eq!(p.entry.file_name(), "airlock-8-a+3.efi");
         let p = plan(&m, r, &[], PART, 42, false).unwrap();
         assert_eq!(p.entry.tries_left, Some(MAX_TRIES));

@@ -515,11 +515,13 @@ mod update {
     /// 2. release 3, whose agent cannot become healthy, is written to slot b and
     ///    boots on trial twice; both trials fail the boot check, the tries run
     ///    out, and the machine is back on slot a, enforcing;
-    /// 3. release 2 is written to slot b; a power cut during its trial boot costs
-    ///    one try (`+1-1`) and nothing else; the next boot is healthy and
-    ///    systemd-bless-boot marks it good (`airlock-2-b.efi`).
+    /// 3. release 2 is written to slot b, with a power cut during the write
+    ///    (no entry for slot b is left; slot a boots and applies it again); a
+    ///    power cut during its trial boot costs one try (`+1-1`) and nothing
+    ///    else; the next boot is healthy and systemd-bless-boot marks it good
+    ///    (`airlock-2-b.efi`).
     ///
-    /// About 7 boots and two image builds: behind `cargo xtask test --image` (see
+    /// 8 boots and two image builds: behind `cargo xtask test --image` (see
     /// image/README.md), not in the default CI run.
     #[test]
     fn updates_boot_on_trial_roll_back_when_unhealthy_and_refuse_tampered_bundles() {
@@ -599,8 +601,10 @@ mod update {
         }
         entries(&["airlock-1-a.efi", "airlock-3-b+0-2.efi"]);
 
-        // Back on slot a, enforcing; release 2 applied from media on this boot.
-        let mut vm = Vm::boot_with(&disk, &scratch.0, Some(&media(&r2, &scratch.0, "r2")));
+        // Back on slot a, enforcing; release 2 from media on this boot, with a
+        // power cut while it writes slot b.
+        let media_r2 = media(&r2, &scratch.0, "r2");
+        let mut vm = Vm::boot_with(&disk, &scratch.0, Some(&media_r2));
         let enforcing = vm.wait_for("the report after the rollback", BOOT_TIMEOUT, |l| {
             l.contains("AIRLOCK-REPORT end")
         });
@@ -617,9 +621,25 @@ mod update {
             "update: rolled back to slot a, report complete at {:.0} s",
             enforcing.as_secs_f64()
         );
+        vm.wait_for("release 2 being written to slot b", BOOT_TIMEOUT, |l| {
+            l.contains("airlock-update: writing slot b: 33 of")
+                || l.contains("airlock-agent: refused")
+        });
+        drop(vm);
+        // No entry boots the half-written slot (the failed one was removed
+        // before the write); the next boot is slot a again, which applies the
+        // media once more.
+        entries(&["airlock-1-a.efi"]);
+        eprintln!("update: power cut while slot b was written: only slot a's entry left");
+        let mut vm = Vm::boot_with(&disk, &scratch.0, Some(&media_r2));
         vm.wait_for("release 2 applied", BOOT_TIMEOUT, |l| {
             l.contains("airlock-update: applied release 2") || l.contains("airlock-agent: refused")
         });
+        assert!(
+            report(&vm.lines()).iter().any(|l| l == "begin slot=a"),
+            "after the power cut during the write: not slot a:\n{}",
+            vm.tail()
+        );
         let applied =
             vm.lines().into_iter().find(|l| l.contains("airlock-update: applied release 2"));
         let applied = applied.unwrap_or_else(|| panic!("release 2 refused:\n{}", vm.tail()));

@@ -13,7 +13,7 @@ struct Outcome {
     result: Result<(), String>,
 }
 
-/// `image`: also the image update test (about 7 QEMU boots and two image
+/// `image`: also the image update test (8 QEMU boots and two image
 /// builds; see image/README.md).
 pub fn run(quick: bool, image_update: bool) -> Result<()> {
     let mut outcomes = Vec::new();

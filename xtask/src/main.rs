@@ -41,7 +41,7 @@ enum Command {
         /// Skip fmt and clippy.
         #[arg(long)]
         quick: bool,
-        /// Also the image update test: A/B update, rollback, refusals (about 7
+        /// Also the image update test: A/B update, rollback, refusals (8
         /// QEMU boots and two more image builds; see image/README.md).
         #[arg(long)]
         image: bool,

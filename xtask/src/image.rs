@@ -718,11 +718,15 @@ pub fn provision_text(args: &ProvisionArgs) -> Result<String> {
     let mut problems = Vec::new();
     let url = args.controller.trim();
     let host = url.strip_prefix("https://").unwrap_or_default();
+    // The agent takes the controller's main listener as https://HOST[:PORT], no path
+    // (agent/src/controller/client.rs); the appliance checks it again at boot.
+    let host = host.strip_suffix('/').unwrap_or(host);
     if host.is_empty()
         || host.starts_with(['/', ':'])
+        || host.contains(['/', '?', '#', '@'])
         || url.contains(|c: char| c.is_whitespace() || c == '"' || c == '\\' || c.is_control())
     {
-        problems.push(format!("--controller {url:?}: must be https://host[:port][/path]"));
+        problems.push(format!("--controller {url:?}: must be https://host[:port], no path"));
     }
     let fp: String = args
         .ca_fingerprint
@@ -811,4 +815,33 @@ pub fn provision(args: &ProvisionArgs) -> Result<()> {
         args.controller.trim()
     ));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(controller: &str, fp: &str, token: &str) -> ProvisionArgs {
+        ProvisionArgs {
+            image: PathBuf::from("x.img"),
+            token: token.to_owned(),
+            controller: controller.to_owned(),
+            ca_fingerprint: fp.to_owned(),
+        }
+    }
+
+    #[test]
+    fn provisioning_input_is_checked_as_the_agent_will() {
+        let fp = "AB:".repeat(31) + "AB";
+        let text = provision_text(&args("https://10.0.2.2:8443", &fp, "tok-0123456789abcdef"))
+            .expect("valid input");
+        assert!(text.contains("controller_url = \"https://10.0.2.2:8443\"\n"), "{text}");
+        assert!(text.contains(&format!("controller_ca_sha256 = \"{}\"\n", "ab".repeat(32))));
+        for bad in ["http://h", "https://", "https://h/path", "https://h:1?x", "https://u@h"] {
+            let e = provision_text(&args(bad, &fp, "tok-0123456789abcdef")).expect_err(bad);
+            assert!(e.to_string().contains("--controller"), "{bad}: {e}");
+        }
+        let e = provision_text(&args("https://h", "12", "short")).expect_err("two problems");
+        assert!(e.to_string().contains("--ca-fingerprint") && e.to_string().contains("--token"));
+    }
 }

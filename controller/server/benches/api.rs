@@ -26,7 +26,6 @@ use std::{
     process::Command, sync::Arc, time::Instant,
 };
 
-use airlock_controller::config::ControllerConfig;
 use http_body_util::{BodyExt as _, Full};
 use hyper::{body::Bytes, Request};
 use rustls::{
@@ -167,15 +166,7 @@ fn main() {
             .init();
     }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    let cfg = ControllerConfig {
-        data_dir: dir.path().into(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        agent_listen: "127.0.0.1:0".parse().unwrap(),
-        ..ControllerConfig::default()
-    };
-    let kms = airlock_kms::open(&cfg.kms(), None).unwrap();
-    let store = airlock_store::Store::open(&dir.path().join("store"), kms).unwrap();
-    let started = rt.block_on(airlock_controller::run::start(cfg, store)).unwrap();
+    let started = common::start(&rt, dir.path());
     let addr = started.main_addr;
     let ca = started.state.ca.cert_pem().to_owned();
     let pw = started.bootstrap.clone().unwrap();

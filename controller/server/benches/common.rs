@@ -2,7 +2,21 @@
 
 #![allow(clippy::unwrap_used)]
 
-use airlock_controller::run::Started;
+use airlock_controller::{config::ControllerConfig, run::Started};
+
+/// A fresh controller (built-in KMS, ephemeral ports) with its data in `dir`,
+/// served on `rt` — what the binary does at its first start.
+pub fn start(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> Started {
+    let cfg = ControllerConfig {
+        data_dir: dir.into(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        agent_listen: "127.0.0.1:0".parse().unwrap(),
+        ..ControllerConfig::default()
+    };
+    let kms = airlock_kms::open(&cfg.kms(), None).unwrap();
+    let store = airlock_store::Store::open(&dir.join("store"), kms).unwrap();
+    rt.block_on(airlock_controller::run::start(cfg, store)).unwrap()
+}
 
 /// Adds appliances `ward-NNNN` up to `n`: token, enrollment with a fresh key,
 /// and the signed bundle enrollment stores.

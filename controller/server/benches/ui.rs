@@ -20,7 +20,7 @@ mod common;
 
 use std::{collections::BTreeMap, time::Instant};
 
-use airlock_controller::{config::ControllerConfig, state::AppState};
+use airlock_controller::state::AppState;
 use airlock_proto::{
     admin::{PolicyFormat, PolicyUpload},
     agent::{DropRecord, Health, PortState, Report, TunnelState, RECENT_DROPS},
@@ -150,15 +150,7 @@ fn main() {
     let reqs = env_or("AIRLOCK_BENCH_REQUESTS", 300);
     let dir = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    let cfg = ControllerConfig {
-        data_dir: dir.path().into(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        agent_listen: "127.0.0.1:0".parse().unwrap(),
-        ..ControllerConfig::default()
-    };
-    let kms = airlock_kms::open(&cfg.kms(), None).unwrap();
-    let store = airlock_store::Store::open(&dir.path().join("store"), kms).unwrap();
-    let started = rt.block_on(airlock_controller::run::start(cfg, store)).unwrap();
+    let started = common::start(&rt, dir.path());
     let t0 = Instant::now();
     common::enroll_up_to(&started, n);
     populate(&started.state, n);

@@ -329,15 +329,24 @@ fn upload(d: &Draft<'_>) -> PolicyUpload {
     }
 }
 
-/// Checks a draft: the editor with its problems, or the preview.
+/// Checks a draft: the editor with its problems, or the preview (422 with
+/// `comment_error` shown at the "why" field when that is what is missing).
 pub fn check_and_preview(
     st: &AppState,
     v: &Viewer,
     d: &Draft<'_>,
     notice: Option<Markup>,
+    comment_error: Option<&str>,
 ) -> Response {
     match st.policies.diff(&upload(d), st.now()) {
-        Ok(diff) => preview_page(v, d, &diff, None, notice).into_response(),
+        Ok(diff) => {
+            let status = if comment_error.is_some() {
+                StatusCode::UNPROCESSABLE_ENTITY
+            } else {
+                StatusCode::OK
+            };
+            (status, preview_page(v, d, &diff, comment_error, notice)).into_response()
+        }
         Err(PolicyError::Invalid(problems)) => {
             (StatusCode::UNPROCESSABLE_ENTITY, editor(v, d, &problems, notice)).into_response()
         }
@@ -357,7 +366,7 @@ pub async fn preview(
     if f.back.is_some() {
         return Ok(editor(&v, &d, &[], None).into_response());
     }
-    Ok(check_and_preview(&st, &v, &d, None))
+    Ok(check_and_preview(&st, &v, &d, None, None))
 }
 
 /// `POST /policy/apply`.
@@ -370,19 +379,7 @@ pub async fn apply(
     v.require(Action::WritePolicy)?;
     let d = f.draft()?;
     if d.comment.is_empty() {
-        let diff = match st.policies.diff(&upload(&d), st.now()) {
-            Ok(diff) => diff,
-            Err(PolicyError::Invalid(problems)) => {
-                return Ok((StatusCode::UNPROCESSABLE_ENTITY, editor(&v, &d, &problems, None))
-                    .into_response())
-            }
-            Err(e) => return Err(e.into()),
-        };
-        return Ok((
-            StatusCode::UNPROCESSABLE_ENTITY,
-            preview_page(&v, &d, &diff, Some("Say why: the history keeps it."), None),
-        )
-            .into_response());
+        return Ok(check_and_preview(&st, &v, &d, None, Some("Say why: the history keeps it.")));
     }
     match st.policies.apply_on(&upload(&d), &v.subject.user, d.base, &st.enrolled(), st.now()) {
         Ok((summary, bundles)) => {
@@ -396,7 +393,7 @@ pub async fn apply(
             let notice = html! { p.notice.warn role="alert" {
             "Someone applied version " (current.map_or("?".into(), |c| c.to_string()))
             " while you were reviewing. Nothing of yours was applied; here is your change compared with the new current version." } };
-            Ok(check_and_preview(&st, &v, &d2, Some(notice)))
+            Ok(check_and_preview(&st, &v, &d2, Some(notice), None))
         }
         Err(PolicyError::Invalid(problems)) => {
             Ok((StatusCode::UNPROCESSABLE_ENTITY, editor(&v, &d, &problems, None)).into_response())

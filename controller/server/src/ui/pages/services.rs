@@ -287,7 +287,7 @@ pub async fn preview(
                 comment: &comment,
                 base: Some(cur.version),
             };
-            Ok(super::policy::check_and_preview(&st, &v, &d, None))
+            Ok(super::policy::check_and_preview(&st, &v, &d, None, None))
         }
     }
 }

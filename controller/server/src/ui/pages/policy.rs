@@ -307,6 +307,13 @@ pub struct DraftForm {
 }
 
 impl DraftForm {
+    /// The draft, once the form's token and the viewer's role are checked.
+    fn accepted(&self, v: &Viewer) -> Result<Draft<'_>, PageErr> {
+        v.check_csrf(&self.csrf)?;
+        v.require(Action::WritePolicy)?;
+        self.draft()
+    }
+
     fn draft(&self) -> Result<Draft<'_>, PageErr> {
         let format = match self.format.as_deref() {
             None | Some("toml") => PolicyFormat::Toml,
@@ -360,9 +367,7 @@ pub async fn preview(
     v: Viewer,
     Form(f): Form<DraftForm>,
 ) -> Result<Response, PageErr> {
-    v.check_csrf(&f.csrf)?;
-    v.require(Action::WritePolicy)?;
-    let d = f.draft()?;
+    let d = f.accepted(&v)?;
     if f.back.is_some() {
         return Ok(editor(&v, &d, &[], None).into_response());
     }
@@ -375,9 +380,7 @@ pub async fn apply(
     v: Viewer,
     Form(f): Form<DraftForm>,
 ) -> Result<Response, PageErr> {
-    v.check_csrf(&f.csrf)?;
-    v.require(Action::WritePolicy)?;
-    let d = f.draft()?;
+    let d = f.accepted(&v)?;
     if d.comment.is_empty() {
         return Ok(check_and_preview(&st, &v, &d, None, Some("Say why: the history keeps it.")));
     }

@@ -89,6 +89,7 @@ const COMPONENTS: &[(&str, &[&str])] =
 const BPF_LINKER_VERSION: &str = "^0.13";
 
 pub fn run() -> Result<()> {
+    disk_space();
     apt_packages()?;
     browser()?;
     rust_components()?;
@@ -96,6 +97,38 @@ pub fn run() -> Result<()> {
     cargo_fuzz()?;
     qemu()?;
     bpffs()
+}
+
+/// What a fresh clone's `cargo xtask test` leaves under target/ and fuzz/
+/// (measured, README "Disk"), with some headroom for the tests' scratch files.
+const DISK_NEEDED_GIB: u64 = 12;
+
+/// Warns early when the disk is too small for a full run, rather than letting
+/// a build fail half-way with ENOSPC. A warm tree needs far less, so this is a
+/// warning, not a refusal.
+fn disk_space() {
+    let target = airlock_testbed::target_dir();
+    let probe = if target.exists() { target } else { airlock_testbed::workspace_root() };
+    let step = Step::start(format!("checking free disk space at {}", probe.display()));
+    let free = capture(Command::new("df").args(["--output=avail", "-B1"]).arg(&probe))
+        .ok()
+        .and_then(|out| out.lines().nth(1).and_then(|l| l.trim().parse::<u64>().ok()));
+    match free {
+        Some(bytes) => {
+            let gib = bytes / (1 << 30);
+            step.ok_with(format!("{gib} GiB free"));
+            if gib < DISK_NEEDED_GIB {
+                eprintln!(
+                    "    WARNING: a run from a fresh clone needs about {DISK_NEEDED_GIB} GiB; \
+                     builds may fail with \"No space left on device\" \
+                     (`cargo clean` frees what earlier builds left)"
+                );
+            }
+        }
+        None => {
+            step.ok_with("unknown (df gave no answer)");
+        }
+    }
 }
 
 fn qemu() -> Result<()> {

@@ -83,9 +83,13 @@ pub fn capture(cmd: &mut Command) -> Result<String> {
 }
 
 /// `cargo` (the rustup proxy, so `+nightly` works) in the workspace root.
+///
+/// Without incremental compilation: xtask builds are whole runs (CI, the lab),
+/// where the incremental cache only costs disk (2.4 GiB on a fresh clone's
+/// test run). Edit-compile loops with plain `cargo` keep it.
 pub fn cargo() -> Command {
     let mut cmd = Command::new("cargo");
-    cmd.current_dir(airlock_testbed::workspace_root());
+    cmd.current_dir(airlock_testbed::workspace_root()).env("CARGO_INCREMENTAL", "0");
     cmd
 }
 

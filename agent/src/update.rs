@@ -20,32 +20,29 @@
 //! enforces its policy). When the tries run out, the entry sorts last and the
 //! previous slot boots again.
 //!
-//! The pure parts (tar index, manifest verification, applicability, entry
-//! names) take bytes and values; [`apply`] does the IO around them.
+//! The bundle format (tar index, manifest and its signature) is
+//! `airlock_proto::release`, shared with the controller, which checks a
+//! bundle the same way before it offers it. The pure parts here
+//! (applicability, entry names) take values; [`apply`] does the IO around them.
 
 use std::{
-    collections::BTreeMap,
     fs,
     io::{Read, Seek, SeekFrom, Write as _},
     path::{Path, PathBuf},
 };
 
-use ed25519_dalek::{Signature, VerifyingKey};
 use sha2::{Digest as _, Sha256};
 
-/// The only bundle format this agent reads.
-pub const FORMAT: u32 = 1;
-pub const MANIFEST: &str = "manifest.json";
-pub const SIGNATURE: &str = "manifest.json.sig";
-pub const ROOT_IMAGE: &str = "root.img";
+pub use airlock_proto::release::{
+    hex, open_verified, read_member, tar_index, verify_manifest, FileRef, Manifest, Member,
+    ReleaseError, RootRef, VerifiedBundle, FORMAT, MANIFEST, MAX_UKI, ROOT_IMAGE, SIGNATURE,
+};
 /// Tries a trial entry gets unless told otherwise: one power cut during the
 /// trial is tolerated, two failed boots in a row return to the previous slot
 /// (the boundary stays closed meanwhile, so a quick return matters).
 pub const DEFAULT_TRIES: u32 = 2;
 /// systemd-boot's boot counters are single digits here (1..=9).
 pub const MAX_TRIES: u32 = 9;
-const MAX_MANIFEST: u64 = 64 * 1024;
-const MAX_UKI: u64 = 256 * 1024 * 1024;
 
 /// Where the running system keeps what `apply` needs.
 #[derive(Debug, Clone)]
@@ -85,21 +82,10 @@ pub enum UpdateError {
         #[source]
         source: std::io::Error,
     },
-    #[error("not an update bundle: {0}")]
-    NotABundle(String),
-    #[error("the bundle has no {0}")]
-    Missing(&'static str),
-    #[error("the bundle is not signed (no {SIGNATURE})")]
-    Unsigned,
-    #[error(
-        "the bundle's signature does not verify with this appliance's update key \
-         (signed by another key, or the manifest was changed)"
-    )]
-    BadSignature,
+    #[error(transparent)]
+    Bundle(#[from] ReleaseError),
     #[error("the update key {0} is not an Ed25519 public key (64 hex digits)")]
     BadKey(PathBuf),
-    #[error("invalid manifest: {0}")]
-    Manifest(String),
     #[error(
         "release {bundle} is not newer than the running release {running}: downgrades \
          and re-installs are refused"
@@ -115,8 +101,6 @@ pub enum UpdateError {
          good: updating now would overwrite the only known-good slot"
     )]
     RunningOnTrial { slot: Slot, entry: String },
-    #[error("{file} is {actual} bytes in the bundle but the manifest says {manifest}")]
-    WrongSize { file: String, manifest: u64, actual: u64 },
     #[error("the slot image ({size} bytes) does not fit partition {partition} ({capacity} bytes)")]
     TooLarge { size: u64, partition: String, capacity: u64 },
     #[error("{file} does not match the signed manifest (sha256 {actual}, expected {expected})")]
@@ -180,96 +164,6 @@ impl std::fmt::Display for Slot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}", self.letter())
     }
-}
-
-/// One file named by the manifest.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileRef {
-    pub size: u64,
-    pub sha256: String,
-}
-
-/// The slot image: erofs followed by its dm-verity hash tree.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RootRef {
-    pub size: u64,
-    pub sha256: String,
-    pub root_hash: String,
-    pub hash_offset: u64,
-}
-
-/// `manifest.json`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Manifest {
-    pub format: u32,
-    /// Increases with every image; an appliance only takes a higher one.
-    pub release: u64,
-    pub image_version: String,
-    pub root: RootRef,
-    /// `uki-a.efi`, `uki-b.efi`.
-    pub ukis: BTreeMap<String, FileRef>,
-}
-
-fn is_hex(s: &str, len: usize) -> bool {
-    s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-}
-
-fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {
-    let t = text.trim();
-    if t.len() != 2 * N {
-        return None;
-    }
-    let mut out = [0u8; N];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(t.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
-}
-
-/// Checks the signature over the manifest's bytes, then parses and checks
-/// the manifest. Nothing in an unsigned or wrongly signed manifest is looked at.
-pub fn verify_manifest(
-    manifest: &[u8],
-    signature_hex: &str,
-    public_key_hex: &str,
-    key_path: &Path,
-) -> Result<Manifest, UpdateError> {
-    let pk = unhex::<32>(public_key_hex).ok_or_else(|| UpdateError::BadKey(key_path.into()))?;
-    let vk = VerifyingKey::from_bytes(&pk).map_err(|_| UpdateError::BadKey(key_path.into()))?;
-    let sig = unhex::<64>(signature_hex).ok_or(UpdateError::BadSignature)?;
-    vk.verify_strict(manifest, &Signature::from_bytes(&sig))
-        .map_err(|_| UpdateError::BadSignature)?;
-    let m: Manifest =
-        serde_json::from_slice(manifest).map_err(|e| UpdateError::Manifest(e.to_string()))?;
-    let bad = |what: &str| Err(UpdateError::Manifest(what.to_owned()));
-    if m.format != FORMAT {
-        return bad(&format!("format {} (this agent reads format {FORMAT})", m.format));
-    }
-    if m.release == 0 {
-        return bad("release must be 1 or more");
-    }
-    if !is_hex(&m.root.sha256, 64) || !is_hex(&m.root.root_hash, 64) {
-        return bad("root.sha256 and root.root_hash must be 64 lowercase hex digits");
-    }
-    if m.root.hash_offset == 0
-        || !m.root.hash_offset.is_multiple_of(4096)
-        || m.root.hash_offset >= m.root.size
-    {
-        return bad("root.hash_offset must be a non-zero multiple of 4096 below root.size");
-    }
-    for slot in [Slot::A, Slot::B] {
-        match m.ukis.get(&slot.uki_file()) {
-            Some(f) if is_hex(&f.sha256, 64) && f.size > 0 && f.size <= MAX_UKI => {}
-            _ => return bad(&format!("ukis.\"{}\" is missing or invalid", slot.uki_file())),
-        }
-    }
-    if m.ukis.len() != 2 {
-        return bad("ukis must name exactly uki-a.efi and uki-b.efi");
-    }
-    Ok(m)
 }
 
 /// A UKI on the ESP: `airlock-<release>-<slot>[+<left>[-<done>]].efi`.
@@ -431,69 +325,6 @@ pub fn parse_running(cmdline: &str, release: &str) -> Result<Running, UpdateErro
     Ok(Running { slot, release })
 }
 
-/// One member of a ustar archive.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Member {
-    pub offset: u64,
-    pub size: u64,
-}
-
-fn octal(field: &[u8]) -> Option<u64> {
-    let s = std::str::from_utf8(field).ok()?;
-    let s = s.trim_matches(|c: char| c == '\0' || c == ' ');
-    if s.is_empty() {
-        return Some(0);
-    }
-    u64::from_str_radix(s, 8).ok()
-}
-
-/// The regular files of a ustar archive, by name, with where their data is.
-pub fn tar_index(r: &mut (impl Read + Seek)) -> Result<BTreeMap<String, Member>, UpdateError> {
-    let mut out = BTreeMap::new();
-    let mut at = 0u64;
-    let not = |what: &str| UpdateError::NotABundle(what.to_owned());
-    loop {
-        let mut h = [0u8; 512];
-        r.seek(SeekFrom::Start(at)).map_err(io("reading the bundle"))?;
-        match r.read_exact(&mut h) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !out.is_empty() => break,
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                return Err(not("shorter than a tar header"))
-            }
-            Err(e) => return Err(io("reading the bundle")(e)),
-        }
-        if h.iter().all(|&b| b == 0) {
-            break;
-        }
-        let sum = octal(&h[148..156]).ok_or_else(|| not("bad tar header checksum field"))?;
-        let calc: u64 = h
-            .iter()
-            .enumerate()
-            .map(|(i, &b)| if (148..156).contains(&i) { 32 } else { u64::from(b) })
-            .sum();
-        if sum != calc {
-            return Err(not("tar header checksum mismatch"));
-        }
-        let name_end = h[..100].iter().position(|&b| b == 0).unwrap_or(100);
-        let name = std::str::from_utf8(&h[..name_end]).map_err(|_| not("member name"))?;
-        let name = name.trim_start_matches("./").to_owned();
-        let size = octal(&h[124..136]).ok_or_else(|| not("member size"))?;
-        let kind = h[156];
-        if (kind == b'0' || kind == 0)
-            && !name.is_empty()
-            && out.insert(name.clone(), Member { offset: at + 512, size }).is_some()
-        {
-            return Err(UpdateError::NotABundle(format!("{name} appears twice")));
-        }
-        at += 512 + size.div_ceil(512) * 512;
-    }
-    if out.is_empty() {
-        return Err(not("no files"));
-    }
-    Ok(out)
-}
-
 /// SHA-256 of `len` bytes from `r`, optionally copied into `w`.
 fn hash_copy(
     r: &mut impl Read,
@@ -521,26 +352,6 @@ fn hash_copy(
         }
     }
     Ok(hex(&h.finalize()))
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn read_member(
-    f: &mut fs::File,
-    members: &BTreeMap<String, Member>,
-    name: &'static str,
-    limit: u64,
-) -> Result<Vec<u8>, UpdateError> {
-    let m = members.get(name).ok_or(UpdateError::Missing(name))?;
-    if m.size > limit {
-        return Err(UpdateError::NotABundle(format!("{name} is larger than {limit} bytes")));
-    }
-    f.seek(SeekFrom::Start(m.offset)).map_err(io("reading the bundle"))?;
-    let mut v = vec![0u8; usize::try_from(m.size).unwrap_or(0)];
-    f.read_exact(&mut v).map_err(io(format!("reading {name} from the bundle")))?;
-    Ok(v)
 }
 
 /// Lists `EFI/Linux`.
@@ -583,20 +394,13 @@ pub fn apply(
     progress: &mut dyn FnMut(&str),
 ) -> Result<Applied, UpdateError> {
     let mut f = fs::File::open(bundle).map_err(io(format!("opening {}", bundle.display())))?;
-    let members = tar_index(&mut f)?;
-    let manifest = read_member(&mut f, &members, MANIFEST, MAX_MANIFEST)?;
-    let sig = match read_member(&mut f, &members, SIGNATURE, 1024) {
-        Err(UpdateError::Missing(_)) => return Err(UpdateError::Unsigned),
-        other => other?,
-    };
     let key = fs::read_to_string(&sys.public_key)
         .map_err(io(format!("reading the update key {}", sys.public_key.display())))?;
-    let m = verify_manifest(
-        &manifest,
-        std::str::from_utf8(&sig).map_err(|_| UpdateError::BadSignature)?,
-        &key,
-        &sys.public_key,
-    )?;
+    let VerifiedBundle { members, manifest: m } =
+        open_verified(&mut f, &key).map_err(|e| match e {
+            ReleaseError::BadKey => UpdateError::BadKey(sys.public_key.clone()),
+            e => UpdateError::Bundle(e),
+        })?;
     progress(&format!("signature ok: release {} ({})", m.release, m.image_version));
     let cmdline = fs::read_to_string(&sys.cmdline)
         .map_err(io(format!("reading {}", sys.cmdline.display())))?;
@@ -613,18 +417,6 @@ pub fn apply(
     let capacity = dev.seek(SeekFrom::End(0)).map_err(io("sizing the target partition"))?;
     let plan = plan(&m, running, &entries, capacity, opts.tries, opts.retry)?;
     let uki_name = plan.target.uki_file();
-    for (name, want) in [(ROOT_IMAGE, m.root.size), (uki_name.as_str(), m.ukis[&uki_name].size)] {
-        let got = members.get(name).map(|x| x.size).ok_or_else(|| {
-            UpdateError::NotABundle(format!("{name} is named by the manifest but missing"))
-        })?;
-        if got != want {
-            return Err(UpdateError::WrongSize {
-                file: name.to_owned(),
-                manifest: want,
-                actual: got,
-            });
-        }
-    }
     progress(&format!(
         "running slot {} release {}; target slot {} ({} MiB partition)",
         running.slot,
@@ -903,8 +695,10 @@ mod tests {
         tampered[5000] ^= 1;
         let mut short_manifest = fx.manifest(2);
         short_manifest.root.size -= 4096;
+        let big_root = vec![3u8; (PART + 4096) as usize];
         let mut big = fx.manifest(2);
-        big.root.size = PART + 4096;
+        big.root.size = big_root.len() as u64;
+        big.root.sha256 = hex(&Sha256::digest(&big_root));
         let cases: Vec<(&str, PathBuf, &str)> = vec![
             ("unsigned", fx.bundle(&fx.manifest(2), None, &fx.root), "not signed"),
             ("wrong key", fx.bundle(&fx.manifest(2), Some(&other), &fx.root), "does not verify"),
@@ -921,7 +715,7 @@ mod tests {
             ),
             (
                 "too large",
-                fx.bundle(&big, Some(&fx.key), &fx.root),
+                fx.bundle(&big, Some(&fx.key), &big_root),
                 "does not fit partition airlock-root-b",
             ),
         ];
@@ -948,9 +742,9 @@ mod tests {
             ]),
         )
         .unwrap();
-        assert!(matches!(fx.apply(&p), Err(UpdateError::BadSignature)));
+        assert!(matches!(fx.apply(&p), Err(UpdateError::Bundle(ReleaseError::BadSignature))));
         fs::write(&p, b"not a tar at all, just some bytes").unwrap();
-        assert!(matches!(fx.apply(&p), Err(UpdateError::NotABundle(_))));
+        assert!(matches!(fx.apply(&p), Err(UpdateError::Bundle(ReleaseError::NotABundle(_)))));
         assert_eq!(fx.snapshot(), before);
     }
 
@@ -1083,21 +877,20 @@ mod tests {
             (mj, s)
         };
         let pk = hex(fx.key.verifying_key().as_bytes());
-        let p = Path::new("k");
         let (mj, s) = sign(&fx.manifest(2));
-        assert_eq!(verify_manifest(&mj, &s, &pk, p).unwrap().release, 2);
-        assert!(matches!(verify_manifest(&mj, &s, "12", p), Err(UpdateError::BadKey(_))));
+        assert_eq!(verify_manifest(&mj, &s, &pk).unwrap().release, 2);
+        assert!(matches!(verify_manifest(&mj, &s, "12"), Err(ReleaseError::BadKey)));
         let mut m = fx.manifest(2);
         m.format = 2;
         let (mj, s) = sign(&m);
-        assert!(verify_manifest(&mj, &s, &pk, p).unwrap_err().to_string().contains("format 2"));
+        assert!(verify_manifest(&mj, &s, &pk).unwrap_err().to_string().contains("format 2"));
         let mut m = fx.manifest(2);
         m.ukis.remove("uki-a.efi");
         let (mj, s) = sign(&m);
-        assert!(verify_manifest(&mj, &s, &pk, p).unwrap_err().to_string().contains("uki-a.efi"));
+        assert!(verify_manifest(&mj, &s, &pk).unwrap_err().to_string().contains("uki-a.efi"));
         let mut m = fx.manifest(2);
         m.root.hash_offset = 100;
         let (mj, s) = sign(&m);
-        assert!(verify_manifest(&mj, &s, &pk, p).unwrap_err().to_string().contains("hash_offset"));
+        assert!(verify_manifest(&mj, &s, &pk).unwrap_err().to_string().contains("hash_offset"));
     }
 }

@@ -71,6 +71,7 @@ pub fn build(status: &SyncStatus, health: Health) -> Report {
         refused: status.refused.clone(),
         health,
         wireguard_public_key: None,
+        release: None,
     }
 }
 

@@ -328,6 +328,7 @@ async fn bundles_stream_in_reports_go_out_and_the_certificate_renews() {
         refused: None,
         health: Health { enforcing: true, flows: 3, ..Health::default() },
         wireguard_public_key: None,
+        release: None,
     };
     let mut conn = client::connect(shared.tls(), &shared.agent).await.unwrap();
     client::report(&mut conn, &shared.agent, &report).await.unwrap();

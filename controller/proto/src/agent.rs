@@ -83,6 +83,10 @@ pub struct Report {
     /// external services are configured with it. `None` until it has one.
     #[serde(default)]
     pub wireguard_public_key: Option<String>,
+    /// The appliance image's release and update state (`None`: not an A/B
+    /// appliance image, e.g. an agent on a lab host).
+    #[serde(default)]
+    pub release: Option<crate::release::ReleaseState>,
 }
 
 /// A refused bundle.

@@ -16,6 +16,7 @@ pub mod agent;
 pub mod bundle;
 #[cfg(feature = "pin")]
 pub mod pin;
+pub mod release;
 
 pub use bundle::{key_id, BundleError, PolicyBundle, SignedBundle, BUNDLE_FORMAT};
 

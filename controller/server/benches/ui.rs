@@ -79,6 +79,7 @@ fn report(i: usize, now: u64) -> Report {
         policy_version: Some(1),
         refused: None,
         wireguard_public_key: Some("HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=".into()),
+        release: None,
         health: Health {
             enforcing: !i.is_multiple_of(97),
             forwarding: true,

@@ -33,6 +33,76 @@ pub struct AgentConfig {
     /// The controller (absent: policies are local files only).
     #[serde(default)]
     pub controller: Option<ControllerConfig>,
+    /// Image updates offered by the controller.
+    #[serde(default)]
+    pub update: UpdateConfig,
+}
+
+/// `[update]`: A/B image updates the controller offers in its answer to a
+/// report. They are downloaded over the agent's mTLS connection, checked, and
+/// installed on the inactive slot like `airlock-agent update apply`; the
+/// dataplane is never touched by them.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpdateConfig {
+    /// Take offered updates (false: offers are ignored and reported as such).
+    pub enabled: bool,
+    /// Where a bundle is downloaded to (`<release>.bundle.part`, renamed to
+    /// `<release>.bundle` once its size and SHA-256 match the offer, removed
+    /// after it was applied). Default `<appliance.state_dir>/update`.
+    pub download_dir: Option<PathBuf>,
+    /// Run after an update was installed, to boot it. Empty: do not reboot;
+    /// the installed release is reported as pending until the next boot.
+    pub reboot_command: Vec<String>,
+    /// Test stand-in only (cargo feature `update-fixture`): a directory that
+    /// prefixes every path of the running system the updater reads or writes
+    /// (see [`UpdateConfig::system`]), so a lab host without an A/B disk can
+    /// run the whole flow against file-backed partitions. Refused otherwise.
+    pub system_root: Option<PathBuf>,
+}
+
+impl Default for UpdateConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            download_dir: None,
+            reboot_command: vec!["systemctl".to_owned(), "reboot".to_owned()],
+            system_root: None,
+        }
+    }
+}
+
+/// Whether this build accepts `[update] system_root` (the `update-fixture`
+/// cargo feature, a test stand-in that the image build never enables).
+pub const UPDATE_FIXTURE: bool = cfg!(feature = "update-fixture");
+
+impl UpdateConfig {
+    /// The download directory for a state directory.
+    pub fn download_dir(&self, state_dir: &Path) -> PathBuf {
+        self.download_dir.clone().unwrap_or_else(|| state_dir.join("update"))
+    }
+
+    /// The running system's paths: the appliance's, or with `system_root`
+    /// (only in an `update-fixture` build) each of them below that directory:
+    /// `<root>/proc/cmdline`, `<root>/usr/share/airlock/release`,
+    /// `<root>/usr/share/airlock/image-signing.pub`, `<root>/efi/EFI/Linux`
+    /// and `<root>/dev/disk/by-partlabel` (files named `airlock-root-a`,
+    /// `airlock-root-b` stand in for the partitions).
+    pub fn system(&self) -> crate::update::System {
+        let sys = crate::update::System::default();
+        #[cfg(feature = "update-fixture")]
+        if let Some(root) = &self.system_root {
+            let under = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
+            return crate::update::System {
+                uki_dir: under(&sys.uki_dir),
+                public_key: under(&sys.public_key),
+                release_file: under(&sys.release_file),
+                cmdline: under(&sys.cmdline),
+                partitions: under(&sys.partitions),
+            };
+        }
+        sys
+    }
 }
 
 /// `[controller]`.
@@ -342,6 +412,28 @@ impl AgentConfig {
         if !(1..=86_400).contains(&self.log.counters_interval_secs) {
             issue("log.counters_interval_secs".into(), "must be between 1 and 86400");
         }
+        let u = &self.update;
+        if u.download_dir.as_ref().is_some_and(|d| !d.is_absolute()) {
+            issue("update.download_dir".into(), "must be an absolute path");
+        }
+        if u.reboot_command.iter().any(|a| a.is_empty() || a.contains('\0')) {
+            issue(
+                "update.reboot_command".into(),
+                "must be a list of non-empty arguments, e.g. [\"systemctl\", \"reboot\"] \
+                 (an empty list: do not reboot)",
+            );
+        }
+        match &u.system_root {
+            Some(_) if !UPDATE_FIXTURE => issue(
+                "update.system_root".into(),
+                "is a test stand-in: only an agent built with the cargo feature \
+                 update-fixture accepts it; an appliance updates its real system",
+            ),
+            Some(r) if !r.is_absolute() => {
+                issue("update.system_root".into(), "must be an absolute path")
+            }
+            _ => {}
+        }
         if let Some(c) = &self.controller {
             if crate::controller::client::Endpoint::parse(&c.url).is_err() {
                 issue(
@@ -504,6 +596,61 @@ gc_interval_secs = 9223372036854775807
         let unknown = format!("{ok}token = \"x\"\n");
         let e = AgentConfig::parse(&unknown).unwrap_err();
         assert!(e.issues[0].message.contains("unknown field"), "{:?}", e.issues);
+    }
+
+    #[test]
+    fn the_update_section_has_defaults_and_is_checked() {
+        let c = AgentConfig::parse(GOOD).unwrap();
+        assert!(c.update.enabled);
+        assert_eq!(c.update.reboot_command, ["systemctl", "reboot"]);
+        assert_eq!(
+            c.update.download_dir(&c.appliance.state_dir),
+            Path::new("/var/lib/airlock/update")
+        );
+        assert_eq!(c.update.system().cmdline, Path::new("/proc/cmdline"));
+        let c = AgentConfig::parse(&format!(
+            "{GOOD}\n[update]\nenabled = false\ndownload_dir = \"/data/dl\"\nreboot_command = []\n"
+        ))
+        .unwrap();
+        assert!(!c.update.enabled);
+        assert!(c.update.reboot_command.is_empty());
+        assert_eq!(c.update.download_dir(Path::new("/x")), Path::new("/data/dl"));
+
+        let e = AgentConfig::parse(&format!(
+            "{GOOD}\n[update]\ndownload_dir = \"dl\"\nreboot_command = [\"\", \"now\"]\n"
+        ))
+        .unwrap_err();
+        let at: Vec<_> = e.issues.iter().map(|i| i.at.as_str()).collect();
+        assert_eq!(at, ["update.download_dir", "update.reboot_command"]);
+        let e = AgentConfig::parse(&format!("{GOOD}\n[update]\nenabled = \"yes\"\n")).unwrap_err();
+        assert!(e.issues[0].at.starts_with("line "), "{:?}", e.issues);
+        let e = AgentConfig::parse(&format!("{GOOD}\n[update]\nurl = \"x\"\n")).unwrap_err();
+        assert!(e.issues[0].message.contains("unknown field"), "{:?}", e.issues);
+    }
+
+    #[test]
+    fn system_root_needs_the_update_fixture_feature() {
+        let text = format!("{GOOD}\n[update]\nsystem_root = \"/tmp/fixture\"\n");
+        let parsed = AgentConfig::parse(&text);
+        if UPDATE_FIXTURE {
+            let sys = parsed.unwrap().update.system();
+            assert_eq!(sys.cmdline, Path::new("/tmp/fixture/proc/cmdline"));
+            assert_eq!(sys.release_file, Path::new("/tmp/fixture/usr/share/airlock/release"));
+            assert_eq!(
+                sys.public_key,
+                Path::new("/tmp/fixture/usr/share/airlock/image-signing.pub")
+            );
+            assert_eq!(sys.uki_dir, Path::new("/tmp/fixture/efi/EFI/Linux"));
+            assert_eq!(sys.partitions, Path::new("/tmp/fixture/dev/disk/by-partlabel"));
+            let e = AgentConfig::parse(&format!("{GOOD}\n[update]\nsystem_root = \"rel\"\n"))
+                .unwrap_err();
+            assert_eq!(e.issues[0].at, "update.system_root");
+        } else {
+            let e = parsed.unwrap_err();
+            assert_eq!(e.issues.len(), 1, "{:?}", e.issues);
+            assert_eq!(e.issues[0].at, "update.system_root");
+            assert!(e.issues[0].message.contains("update-fixture"), "{}", e.issues[0].message);
+        }
     }
 
     #[test]

@@ -23,7 +23,12 @@
 //! The bundle format (tar index, manifest and its signature) is
 //! `airlock_proto::release`, shared with the controller, which checks a
 //! bundle the same way before it offers it. The pure parts here
-//! (applicability, entry names) take values; [`apply`] does the IO around them.
+//! (applicability, entry names, the reported [`release_state`]) take values;
+//! [`apply`] and [`read_release_state`] do the IO around them. Downloading an
+//! offered bundle is the controller link's updater (`controller::updater`).
+//!
+//! What it is not: nothing here touches the dataplane; an update writes only
+//! the inactive slot and the ESP, so enforcement never depends on it.
 
 use std::{
     fs,
@@ -35,7 +40,8 @@ use sha2::{Digest as _, Sha256};
 
 pub use airlock_proto::release::{
     hex, open_verified, read_member, tar_index, verify_manifest, FileRef, Manifest, Member,
-    ReleaseError, RootRef, VerifiedBundle, FORMAT, MANIFEST, MAX_UKI, ROOT_IMAGE, SIGNATURE,
+    ReleaseError, ReleaseState, RootRef, VerifiedBundle, FORMAT, MANIFEST, MAX_UKI, ROOT_IMAGE,
+    SIGNATURE,
 };
 /// Tries a trial entry gets unless told otherwise: one power cut during the
 /// trial is tolerated, two failed boots in a row return to the previous slot
@@ -325,6 +331,69 @@ pub fn parse_running(cmdline: &str, release: &str) -> Result<Running, UpdateErro
     Ok(Running { slot, release })
 }
 
+/// The image state the agent reports, from the kernel command line, the
+/// running root's release file and the names in `EFI/Linux`.
+///
+/// `Ok(None)`: no `airlock.slot=` on the command line, i.e. not an A/B
+/// appliance image (an agent on a lab host). An A/B system whose release file
+/// does not parse is an error. `in_progress` and `last_failure` are the
+/// updater's to fill in.
+///
+/// - `on_trial`: the running slot's entry for the running release still has
+///   a tries counter (not yet marked good by systemd-bless-boot);
+/// - `failed_trials`: releases whose entries ran out of tries (the running
+///   one excepted: it may be booting on its last try);
+/// - `pending`: the highest release above the running one with a trial entry
+///   for the other slot that has tries left (installed, not booted yet).
+pub fn release_state(
+    cmdline: &str,
+    release: &str,
+    entries: &[String],
+) -> Result<Option<ReleaseState>, UpdateError> {
+    if !cmdline.split_whitespace().any(|w| w.starts_with("airlock.slot=")) {
+        return Ok(None);
+    }
+    let running = parse_running(cmdline, release)?;
+    let parsed: Vec<BootEntry> = entries.iter().filter_map(|n| BootEntry::parse(n)).collect();
+    let is_running = |e: &BootEntry| e.slot == running.slot && e.release == running.release;
+    let on_trial = parsed.iter().any(|e| is_running(e) && !e.is_good());
+    let mut failed_trials: Vec<u64> =
+        parsed.iter().filter(|e| e.is_failed() && !is_running(e)).map(|e| e.release).collect();
+    failed_trials.sort_unstable();
+    failed_trials.dedup();
+    let pending = parsed
+        .iter()
+        .filter(|e| {
+            e.slot == running.slot.other()
+                && e.release > running.release
+                && e.tries_left.is_some_and(|l| l > 0)
+        })
+        .map(|e| e.release)
+        .max();
+    Ok(Some(ReleaseState {
+        release: running.release,
+        slot: running.slot.to_string(),
+        on_trial,
+        failed_trials,
+        in_progress: None,
+        pending,
+        last_failure: None,
+    }))
+}
+
+/// [`release_state`] of the system `sys` describes: reads the command line,
+/// and only on an A/B image the release file and one directory listing.
+pub fn read_release_state(sys: &System) -> Result<Option<ReleaseState>, UpdateError> {
+    let cmdline = fs::read_to_string(&sys.cmdline)
+        .map_err(io(format!("reading {}", sys.cmdline.display())))?;
+    if !cmdline.split_whitespace().any(|w| w.starts_with("airlock.slot=")) {
+        return Ok(None);
+    }
+    let release = fs::read_to_string(&sys.release_file)
+        .map_err(io(format!("reading {}", sys.release_file.display())))?;
+    release_state(&cmdline, &release, &list_entries(&sys.uki_dir)?)
+}
+
 /// SHA-256 of `len` bytes from `r`, optionally copied into `w`.
 fn hash_copy(
     r: &mut impl Read,
@@ -525,12 +594,13 @@ pub fn status(sys: &System) -> Result<String, UpdateError> {
     Ok(out)
 }
 
+/// Test bundles and file-backed systems, shared with the updater's tests.
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use ed25519_dalek::{Signer as _, SigningKey};
 
-    fn tar(files: &[(&str, &[u8])]) -> Vec<u8> {
+    pub(crate) fn tar(files: &[(&str, &[u8])]) -> Vec<u8> {
         let mut out = Vec::new();
         for (name, data) in files {
             let mut h = [0u8; 512];
@@ -550,19 +620,19 @@ mod tests {
         out
     }
 
-    struct Fixture {
-        dir: PathBuf,
-        sys: System,
-        key: SigningKey,
-        root: Vec<u8>,
-        uki_a: Vec<u8>,
-        uki_b: Vec<u8>,
+    pub(crate) struct Fixture {
+        pub(crate) dir: PathBuf,
+        pub(crate) sys: System,
+        pub(crate) key: SigningKey,
+        pub(crate) root: Vec<u8>,
+        pub(crate) uki_a: Vec<u8>,
+        pub(crate) uki_b: Vec<u8>,
     }
 
-    const PART: u64 = 64 * 1024;
+    pub(crate) const PART: u64 = 64 * 1024;
 
     impl Fixture {
-        fn new(tag: &str) -> Fixture {
+        pub(crate) fn new(tag: &str) -> Fixture {
             let dir =
                 std::env::temp_dir().join(format!("airlock-update-{tag}-{}", std::process::id()));
             let _ = fs::remove_dir_all(&dir);
@@ -596,7 +666,7 @@ mod tests {
             }
         }
 
-        fn manifest(&self, release: u64) -> Manifest {
+        pub(crate) fn manifest(&self, release: u64) -> Manifest {
             let f = |d: &[u8]| FileRef { size: d.len() as u64, sha256: hex(&Sha256::digest(d)) };
             Manifest {
                 format: FORMAT,
@@ -616,7 +686,12 @@ mod tests {
             }
         }
 
-        fn bundle(&self, m: &Manifest, key: Option<&SigningKey>, root: &[u8]) -> PathBuf {
+        pub(crate) fn bundle(
+            &self,
+            m: &Manifest,
+            key: Option<&SigningKey>,
+            root: &[u8],
+        ) -> PathBuf {
             let mj = serde_json::to_vec_pretty(m).unwrap();
             let sig = key.map(|k| hex(&k.sign(&mj).to_bytes()));
             let mut files: Vec<(&str, &[u8])> = vec![(MANIFEST, &mj)];
@@ -634,12 +709,12 @@ mod tests {
             p
         }
 
-        fn apply(&self, bundle: &Path) -> Result<Applied, UpdateError> {
+        pub(crate) fn apply(&self, bundle: &Path) -> Result<Applied, UpdateError> {
             apply(bundle, &self.sys, ApplyOptions { tries: 3, retry: false }, &mut |_| {})
         }
 
         /// Slot b's bytes and the ESP listing: what a refusal must leave alone.
-        fn snapshot(&self) -> (Vec<u8>, Vec<String>) {
+        pub(crate) fn snapshot(&self) -> (Vec<u8>, Vec<String>) {
             (
                 fs::read(self.sys.partitions.join("airlock-root-b")).unwrap(),
                 list_entries(&self.sys.uki_dir).unwrap(),
@@ -866,6 +941,100 @@ mod tests {
         assert_eq!(p.entry.file_name(), "airlock-8-a+3.efi");
         let p = plan(&m, r, &[], PART, 42, false).unwrap();
         assert_eq!(p.entry.tries_left, Some(MAX_TRIES));
+    }
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn release_state_running_a_with_b_installed_is_pending() {
+        let st = release_state(
+            "root=/dev/mapper/airlock-root airlock.slot=a ro",
+            "4\n",
+            &names(&["airlock-4-a.efi", "airlock-5-b+2.efi", "loader.conf", "other.efi"]),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            st,
+            ReleaseState {
+                release: 4,
+                slot: "a".into(),
+                on_trial: false,
+                failed_trials: vec![],
+                in_progress: None,
+                pending: Some(5),
+                last_failure: None,
+            }
+        );
+        // A trial entry that used its tries is not pending, and neither is an
+        // older release or one for the running slot.
+        let st = release_state(
+            "airlock.slot=a",
+            "4",
+            &names(&["airlock-4-a.efi", "airlock-3-b+1.efi", "airlock-6-a+2.efi"]),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(st.pending, None);
+    }
+
+    #[test]
+    fn release_state_running_b_on_trial() {
+        for entry in ["airlock-5-b+1-1.efi", "airlock-5-b+0-2.efi"] {
+            let st =
+                release_state("quiet airlock.slot=b", "5", &names(&["airlock-4-a.efi", entry]))
+                    .unwrap()
+                    .unwrap();
+            assert_eq!((st.release, st.slot.as_str()), (5, "b"), "{entry}");
+            assert!(st.on_trial, "{entry}");
+            assert!(st.failed_trials.is_empty(), "the running release is not failed: {entry}");
+            assert_eq!(st.pending, None);
+        }
+        let st =
+            release_state("airlock.slot=b", "5", &names(&["airlock-5-b.efi"])).unwrap().unwrap();
+        assert!(!st.on_trial, "marked good");
+    }
+
+    #[test]
+    fn release_state_after_a_failed_trial() {
+        // Release 5 on slot b used its tries; slot a (release 4) booted again.
+        let st = release_state(
+            "airlock.slot=a",
+            "4",
+            &names(&["airlock-4-a.efi", "airlock-5-b+0-2.efi", "airlock-5-b+0-2.efi.new"]),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(st.failed_trials, vec![5]);
+        assert_eq!(st.pending, None);
+        assert!(!st.on_trial);
+    }
+
+    #[test]
+    fn release_state_on_a_lab_host_is_none() {
+        assert_eq!(release_state("ro quiet", "", &[]).unwrap(), None);
+        assert_eq!(release_state("", "garbage", &names(&["airlock-5-b+0-2.efi"])).unwrap(), None);
+        // An A/B command line with an unreadable release is an error, not a lab host.
+        assert!(release_state("airlock.slot=a", "x", &[]).is_err());
+        assert!(release_state("airlock.slot=c", "4", &[]).is_err());
+        // Read from files: a lab host needs no release file.
+        let dir = std::env::temp_dir().join(format!("airlock-rs-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("cmdline"), "ro quiet\n").unwrap();
+        let sys = System {
+            uki_dir: dir.join("missing"),
+            public_key: dir.join("missing"),
+            release_file: dir.join("missing"),
+            cmdline: dir.join("cmdline"),
+            partitions: dir.join("missing"),
+        };
+        assert_eq!(read_release_state(&sys).unwrap(), None);
+        let fx = Fixture::new("state");
+        let st = read_release_state(&fx.sys).unwrap().unwrap();
+        assert_eq!((st.release, st.slot.as_str(), st.on_trial), (1, "a", false));
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]

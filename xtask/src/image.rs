@@ -711,6 +711,18 @@ pub struct ProvisionArgs {
     /// colons and a `sha256:` prefix allowed).
     #[arg(long)]
     pub ca_fingerprint: String,
+    /// The appliance's own address on the port that reaches the controller,
+    /// IPv4 CIDR (e.g. 192.0.2.10/24). Without it the image configures no
+    /// address and the port must get one some other way.
+    #[arg(long, requires = "interface")]
+    pub address: Option<String>,
+    /// The default gateway towards the controller (IPv4), with --address.
+    #[arg(long, requires = "address")]
+    pub gateway: Option<String>,
+    /// The port --address goes on (its name in the hardware profile, e.g.
+    /// eth1): the management port, or the uplink when there is none.
+    #[arg(long, requires = "address")]
+    pub interface: Option<String>,
 }
 
 /// The provisioning file's text, or every problem with the inputs.
@@ -750,6 +762,7 @@ pub fn provision_text(args: &ProvisionArgs) -> Result<String> {
                 .to_owned(),
         );
     }
+    let network = network_lines(args, &mut problems);
     if !problems.is_empty() {
         bail!("bad provisioning input:\n  {}", problems.join("\n  "));
     }
@@ -759,8 +772,45 @@ pub fn provision_text(args: &ProvisionArgs) -> Result<String> {
          format = 1\n\
          controller_url = \"{url}\"\n\
          controller_ca_sha256 = \"{fp}\"\n\
+         {network}\
          enrollment_token = \"{t}\"\n"
     ))
+}
+
+/// `interface`, `address` and `gateway` lines (all or none), checked here as
+/// strictly as the image's provisioning script checks them again at boot.
+fn network_lines(args: &ProvisionArgs, problems: &mut Vec<String>) -> String {
+    let Some(address) = args.address.as_deref().map(str::trim) else { return String::new() };
+    let iface = args.interface.as_deref().unwrap_or_default().trim();
+    if iface.is_empty()
+        || iface.len() > 15
+        || !iface.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        problems.push(format!(
+            "--interface {iface:?}: a port name as in the hardware profile (e.g. eth1)"
+        ));
+    }
+    let cidr = address.split_once('/').and_then(|(ip, len)| {
+        let ip: std::net::Ipv4Addr = ip.parse().ok()?;
+        let len: u8 = len.parse().ok().filter(|l| (1..=32).contains(l))?;
+        (!ip.is_unspecified() && !ip.is_broadcast() && !ip.is_multicast()).then_some((ip, len))
+    });
+    if cidr.is_none() {
+        problems.push(format!(
+            "--address {address:?}: an IPv4 address with prefix, e.g. 192.0.2.10/24"
+        ));
+    }
+    let mut out = format!("interface = \"{iface}\"\naddress = \"{address}\"\n");
+    if let Some(gw) = args.gateway.as_deref().map(str::trim) {
+        match gw.parse::<std::net::Ipv4Addr>() {
+            Ok(g) if !g.is_unspecified() && Some(g) != cidr.map(|c| c.0) => {
+                out.push_str(&format!("gateway = \"{g}\"\n"));
+            }
+            _ => problems
+                .push(format!("--gateway {gw:?}: an IPv4 address other than the appliance's own")),
+        }
+    }
+    out
 }
 
 /// Byte offset of a named GPT partition in a disk image (sfdisk -J).
@@ -827,6 +877,41 @@ mod tests {
             token: token.to_owned(),
             controller: controller.to_owned(),
             ca_fingerprint: fp.to_owned(),
+            address: None,
+            gateway: None,
+            interface: None,
+        }
+    }
+
+    #[test]
+    fn network_settings_are_checked_and_written_together() {
+        let fp = "ab".repeat(32);
+        let mut a = args("https://10.0.2.2:8443", &fp, "tok-0123456789abcdef");
+        assert!(!provision_text(&a).unwrap().contains("address"));
+        a.address = Some("10.0.2.15/24".into());
+        a.gateway = Some("10.0.2.2".into());
+        a.interface = Some("eth1".into());
+        let text = provision_text(&a).unwrap();
+        assert!(
+            text.contains(
+                "interface = \"eth1\"\naddress = \"10.0.2.15/24\"\ngateway = \"10.0.2.2\"\n"
+            ),
+            "{text}"
+        );
+        for (addr, gw, iface, what) in [
+            ("10.0.2.15", "10.0.2.2", "eth1", "--address"),
+            ("10.0.2.15/33", "10.0.2.2", "eth1", "--address"),
+            ("fe80::1/64", "10.0.2.2", "eth1", "--address"),
+            ("10.0.2.15/24", "10.0.2.15", "eth1", "--gateway"),
+            ("10.0.2.15/24", "gw", "eth1", "--gateway"),
+            ("10.0.2.15/24", "10.0.2.2", "eth1; reboot", "--interface"),
+            ("10.0.2.15/24", "10.0.2.2", "a-very-long-interface-name", "--interface"),
+        ] {
+            a.address = Some(addr.into());
+            a.gateway = Some(gw.into());
+            a.interface = Some(iface.into());
+            let e = provision_text(&a).expect_err(what).to_string();
+            assert!(e.contains(what), "{addr} {gw} {iface}: {e}");
         }
     }
 

@@ -234,3 +234,95 @@ pub struct ApiError {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub problems: Vec<PolicyProblem>,
 }
+
+/// A stored appliance image release (`POST /api/v1/releases` answers with it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ReleaseView {
+    /// The release number from the bundle's signed manifest.
+    pub release: u64,
+    /// The image version from the manifest, e.g. `0.1.0+r3`.
+    pub image_version: String,
+    /// The bundle file's size in bytes.
+    pub size: u64,
+    /// SHA-256 of the whole bundle file (hex).
+    pub sha256: String,
+    /// Who uploaded it.
+    pub uploaded_by: String,
+    /// Unix seconds.
+    pub uploaded_at: u64,
+}
+
+/// The rollout in force: which release is offered to which appliances.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RolloutView {
+    /// The release offered.
+    pub release: u64,
+    /// The appliances it is offered to; `None`: every enrolled appliance.
+    pub appliances: Option<Vec<String>>,
+    /// Who started it.
+    pub started_by: String,
+    /// Unix seconds.
+    pub started_at: u64,
+}
+
+/// `PUT /api/v1/rollout`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct StartRollout {
+    /// An uploaded release.
+    pub release: u64,
+    /// Enrolled appliance ids; absent or `null`: every enrolled appliance.
+    #[serde(default)]
+    pub appliances: Option<Vec<String>>,
+}
+
+/// Where one appliance is in the rollout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutProgress {
+    /// No rollout, or the rollout does not name it.
+    NotTargeted,
+    /// It has not reported an image (no report yet, or not an A/B image).
+    NoImage,
+    /// It runs the target release or a newer one.
+    Done,
+    /// The target is offered with its next report answer.
+    Offered,
+    /// It downloads or writes the target now.
+    Installing,
+    /// The target is on its other slot, waiting for the reboot (trial boot).
+    Pending,
+    /// The target's trial boot failed there; it is not offered again.
+    FailedTrial,
+}
+
+/// One enrolled appliance's image, from its last report.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ApplianceImage {
+    /// The appliance.
+    pub appliance: String,
+    /// Unix seconds of its last report (`None`: none since the controller started).
+    pub reported_at: Option<u64>,
+    /// Its image state as reported (`None`: no report, or not an A/B image).
+    pub image: Option<crate::release::ReleaseState>,
+    /// Where it is in the rollout.
+    pub progress: RolloutProgress,
+}
+
+/// `GET /api/v1/releases`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ReleasesOverview {
+    /// Whether the controller accepts uploads (its `update_key` is set).
+    pub uploads_enabled: bool,
+    /// Every uploaded release, newest first.
+    pub releases: Vec<ReleaseView>,
+    /// The rollout in force.
+    pub rollout: Option<RolloutView>,
+    /// Every enrolled appliance.
+    pub appliances: Vec<ApplianceImage>,
+}

@@ -10,7 +10,7 @@ use axum::{
     extract::{DefaultBodyLimit, FromRequestParts, Path, State},
     http::{header, request::Parts, HeaderMap, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
-    routing::{get, post},
+    routing::{get, post, put},
     Extension, Json, Router,
 };
 use utoipa::OpenApi;
@@ -20,13 +20,18 @@ use airlock_proto::{
         ApiError, ApplianceView, CreateAppliance, EnrollmentToken, Login, PolicyDiff, PolicyUpload,
         PolicyVersion, PolicyVersionSummary, Rollback, SessionToken, ValidationReport,
     },
+    admin::{
+        ApplianceImage, ReleaseView, ReleasesOverview, RolloutProgress, RolloutView, StartRollout,
+    },
     agent::{EnrollRequest, EnrollResponse, RenewRequest, RenewResponse, Report},
+    release::{ReleaseState, ReportResponse, UpdateOffer},
 };
 
 use crate::{
     appliances::ApplianceError,
     auth::{authorize, Action, AuthError, Subject},
     policy::{PolicyError, MAX_POLICY_BYTES},
+    releases::{ReleaseStoreError, Stored, MAX_BUNDLE_BYTES},
     state::AppState,
 };
 
@@ -106,6 +111,26 @@ impl From<PolicyError> for ApiErr {
     }
 }
 
+impl From<ReleaseStoreError> for ApiErr {
+    fn from(e: ReleaseStoreError) -> Self {
+        use ReleaseStoreError as E;
+        let (s, code) = match &e {
+            E::NoKey => (StatusCode::CONFLICT, "no_update_key"),
+            E::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            E::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_bundle"),
+            E::Conflict { .. } => (StatusCode::CONFLICT, "conflict"),
+            E::UnknownRelease(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unknown_release"),
+            E::UnknownAppliances(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unknown_appliance"),
+            E::EmptyList => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_rollout"),
+            E::Upload(_) => (StatusCode::BAD_REQUEST, "upload_broken"),
+            E::Io { .. } | E::Store(_) | E::Corrupt(_) => {
+                return Self::internal("release operation failed", &e)
+            }
+        };
+        Self::new(s, code, e.to_string())
+    }
+}
+
 /// An authenticated admin-API caller.
 #[derive(Debug)]
 pub struct Caller(pub Subject);
@@ -177,9 +202,20 @@ pub fn api_router(state: Arc<AppState>) -> Router {
         .route("/api/v1/policy/versions", get(policy_history))
         .route("/api/v1/policy/versions/{version}", get(policy_version))
         .route("/api/v1/policy/rollback", post(rollback_policy))
+        .route("/api/v1/rollout", put(start_rollout).delete(stop_rollout))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(64 * 1024))
         .merge(policy_routes)
+        .with_state(state)
+}
+
+/// The image release routes: no overall time limit (an upload of a few
+/// hundred MiB takes minutes; [`upload_release`] limits the time between
+/// chunks instead) and no body limit but the bundle's own.
+pub fn upload_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/api/v1/releases", get(list_releases).post(upload_release))
+        .layer(DefaultBodyLimit::disable())
         .with_state(state)
 }
 
@@ -187,6 +223,7 @@ pub fn api_router(state: Arc<AppState>) -> Router {
 pub fn agent_router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/agent/v1/stream", get(stream))
+        .route("/agent/v1/releases/{release}/bundle", get(release_bundle))
         .route("/agent/v1/report", post(report))
         .route("/agent/v1/renew", post(renew))
         .layer(DefaultBodyLimit::max(256 * 1024))
@@ -197,7 +234,7 @@ pub fn agent_router(state: Arc<AppState>) -> Router {
 #[openapi(
     info(
         title = "Airlock controller API",
-        description = "Appliances, enrollment and policy. Every route but login, enroll, ca and this document needs a session (Authorization: Bearer <token> or the airlock_session cookie)."
+        description = "Appliances, enrollment, policy and image releases. Every route but login, enroll, ca and this document needs a session (Authorization: Bearer <token> or the airlock_session cookie)."
     ),
     paths(
         login,
@@ -215,6 +252,10 @@ pub fn agent_router(state: Arc<AppState>) -> Router {
         policy_history,
         policy_version,
         rollback_policy,
+        list_releases,
+        upload_release,
+        start_rollout,
+        stop_rollout,
         metrics
     ),
     components(schemas(
@@ -232,7 +273,16 @@ pub fn agent_router(state: Arc<AppState>) -> Router {
         ValidationReport,
         PolicyDiff,
         Rollback,
-        CaInfo
+        CaInfo,
+        ReleaseView,
+        RolloutView,
+        StartRollout,
+        RolloutProgress,
+        ApplianceImage,
+        ReleasesOverview,
+        ReleaseState,
+        ReportResponse,
+        UpdateOffer
     ))
 )]
 struct ApiDoc;
@@ -555,14 +605,179 @@ async fn report(
     State(st): St,
     Extension(AgentId(id)): Extension<AgentId>,
     Json(r): Json<Report>,
-) -> StatusCode {
+) -> Json<ReportResponse> {
     if let Some(refused) = &r.refused {
         tracing::warn!(appliance = %id, version = refused.version, reason = %refused.reason, "appliance refused a bundle");
     }
     let now = st.now();
     st.telemetry.record(&id, now, &r.health.counters);
+    let update = st.releases.offer_for(&id, r.release.as_ref());
+    if let Some(u) = &update {
+        tracing::debug!(appliance = %id, release = u.release, "image update offered");
+    }
     st.hub.report(&id, r, now);
-    StatusCode::NO_CONTENT
+    Json(ReportResponse { update })
+}
+
+/// The time allowed between two chunks of an upload.
+const CHUNK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Every release, the rollout and each enrolled appliance's image (API and UI).
+pub(crate) fn releases_overview(st: &AppState) -> ReleasesOverview {
+    let rollout = st.releases.rollout();
+    let appliances = st
+        .enrolled()
+        .into_iter()
+        .map(|id| {
+            let (image, reported_at) = st
+                .hub
+                .inspect(&id, |r, _| (r.and_then(|(r, _)| r.release.clone()), r.map(|(_, t)| t)));
+            let progress = crate::releases::progress(rollout.as_ref(), &id, image.as_ref());
+            ApplianceImage { appliance: id, reported_at, image, progress }
+        })
+        .collect();
+    ReleasesOverview {
+        uploads_enabled: st.releases.has_key(),
+        releases: st.releases.list().iter().map(|m| m.view()).collect(),
+        rollout: rollout.map(|r| r.view()),
+        appliances,
+    }
+}
+
+#[utoipa::path(get, path = "/api/v1/releases", responses((status = 200, body = ReleasesOverview)))]
+async fn list_releases(State(st): St, c: Caller) -> Result<Json<ReleasesOverview>, ApiErr> {
+    allow(&c, Action::ReadReleases)?;
+    Ok(Json(releases_overview(&st)))
+}
+
+#[utoipa::path(post, path = "/api/v1/releases",
+    request_body(content = String, content_type = "application/octet-stream",
+        description = "The signed update bundle (ustar) as `cargo xtask image update-bundle` writes it; at most 1 GiB."),
+    responses((status = 201, body = ReleaseView, description = "stored"),
+        (status = 200, body = ReleaseView, description = "the same bundle was already stored"),
+        (status = 409, body = ApiError, description = "no update key configured, or the release exists with other contents"),
+        (status = 413, body = ApiError), (status = 422, body = ApiError, description = "the bundle does not verify; nothing was stored")))]
+async fn upload_release(
+    State(st): St,
+    c: Caller,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<ReleaseView>), ApiErr> {
+    use futures_util::StreamExt as _;
+    allow(&c, Action::ManageReleases)?;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BUNDLE_BYTES) {
+        return Err(ReleaseStoreError::TooLarge.into());
+    }
+    let mut up = st.releases.begin()?;
+    let mut body = body.into_data_stream();
+    loop {
+        match tokio::time::timeout(CHUNK_TIMEOUT, body.next()).await {
+            Err(_) => {
+                return Err(ReleaseStoreError::Upload(format!(
+                    "no data for {} s after {} bytes",
+                    CHUNK_TIMEOUT.as_secs(),
+                    up.size()
+                ))
+                .into())
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(ReleaseStoreError::Upload(e.to_string()).into()),
+            Ok(Some(Ok(chunk))) => up.write(&chunk)?,
+        }
+    }
+    let (st2, user, now) = (st.clone(), c.0.user.clone(), st.now());
+    let r = tokio::task::spawn_blocking(move || st2.releases.finish(up, &user, now))
+        .await
+        .map_err(|e| ApiErr::internal("release upload task failed", &e))?;
+    match r {
+        Ok(Stored::New(m)) => Ok((StatusCode::CREATED, Json(m.view()))),
+        Ok(Stored::Same(m)) => Ok((StatusCode::OK, Json(m.view()))),
+        Err(e) => {
+            tracing::warn!(by = %c.0.user, error = %crate::chain(&e), "release upload refused");
+            Err(e.into())
+        }
+    }
+}
+
+#[utoipa::path(put, path = "/api/v1/rollout", request_body = StartRollout,
+    responses((status = 200, body = RolloutView), (status = 422, body = ApiError, description = "unknown release or appliance")))]
+async fn start_rollout(
+    State(st): St,
+    c: Caller,
+    Json(r): Json<StartRollout>,
+) -> Result<Json<RolloutView>, ApiErr> {
+    allow(&c, Action::ManageReleases)?;
+    let ro =
+        st.releases.start_rollout(r.release, r.appliances, &st.enrolled(), &c.0.user, st.now())?;
+    Ok(Json(ro.view()))
+}
+
+#[utoipa::path(delete, path = "/api/v1/rollout", responses((status = 204, description = "no release is offered any more")))]
+async fn stop_rollout(State(st): St, c: Caller) -> Result<StatusCode, ApiErr> {
+    allow(&c, Action::ManageReleases)?;
+    st.releases.stop_rollout(&c.0.user)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /agent/v1/releases/{release}/bundle`: the bundle file, only while it
+/// is offered to the calling appliance (per its last report).
+async fn release_bundle(
+    State(st): St,
+    Extension(AgentId(id)): Extension<AgentId>,
+    Path(release): Path<u64>,
+) -> Result<Response, ApiErr> {
+    use tokio::io::AsyncReadExt as _;
+    let state = st.hub.inspect(&id, |r, _| r.and_then(|(r, _)| r.release.clone()));
+    let Some(offer) = st.releases.offer_for(&id, state.as_ref()).filter(|o| o.release == release)
+    else {
+        return Err(ApiErr::new(
+            StatusCode::NOT_FOUND,
+            "not_offered",
+            format!("release {release} is not offered to this appliance"),
+        ));
+    };
+    let path = st.releases.file(release);
+    let file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|e| ApiErr::internal("cannot open a release bundle", &e))?;
+    let len = file
+        .metadata()
+        .await
+        .map_err(|e| ApiErr::internal("cannot read a release bundle", &e))?
+        .len();
+    if len != offer.size {
+        tracing::error!(release, file = %path.display(), len, want = offer.size, "a stored bundle changed size");
+        return Err(ApiErr::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the stored bundle is damaged; see the controller log",
+        ));
+    }
+    tracing::info!(appliance = %id, release, size = len, "image bundle download");
+    let chunks = futures_util::stream::unfold(Some(file), |f| async move {
+        let mut f = f?;
+        let mut buf = vec![0u8; 64 * 1024];
+        match f.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok(axum::body::Bytes::from(buf)), Some(f)))
+            }
+            Err(e) => Some((Err(e), None)),
+        }
+    });
+    Ok((
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream")),
+            (header::CONTENT_LENGTH, HeaderValue::from(len)),
+        ],
+        Body::from_stream(chunks),
+    )
+        .into_response())
 }
 
 async fn renew(

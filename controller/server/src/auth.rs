@@ -72,16 +72,21 @@ pub enum Action {
     WritePolicy,
     /// Prometheus metrics.
     ReadMetrics,
+    /// List image releases, the rollout and each appliance's image.
+    ReadReleases,
+    /// Upload image releases; start and stop their rollout.
+    ManageReleases,
 }
 
 /// The one authorization decision, for API and (later) UI.
 pub fn authorize(subject: &Subject, action: Action) -> bool {
     let has = |r: Role| subject.roles.contains(&r);
     match action {
-        Action::ReadAppliances | Action::ReadPolicy | Action::ReadMetrics => {
-            has(Role::Admin) || has(Role::Auditor)
-        }
-        Action::ManageAppliances | Action::WritePolicy => has(Role::Admin),
+        Action::ReadAppliances
+        | Action::ReadPolicy
+        | Action::ReadMetrics
+        | Action::ReadReleases => has(Role::Admin) || has(Role::Auditor),
+        Action::ManageAppliances | Action::WritePolicy | Action::ManageReleases => has(Role::Admin),
     }
 }
 
@@ -301,6 +306,10 @@ mod tests {
         assert!(authorize(&subject(&[Role::Admin]), Action::WritePolicy));
         assert!(!authorize(&subject(&[Role::Auditor]), Action::WritePolicy));
         assert!(authorize(&subject(&[Role::Auditor]), Action::ReadPolicy));
+        assert!(authorize(&subject(&[Role::Admin]), Action::ManageReleases));
+        assert!(!authorize(&subject(&[Role::Auditor]), Action::ManageReleases));
+        assert!(authorize(&subject(&[Role::Auditor]), Action::ReadReleases));
+        assert!(!authorize(&subject(&[Role::Approver]), Action::ReadReleases));
         assert!(!authorize(&subject(&[Role::Approver]), Action::ReadAppliances));
         assert!(!authorize(&subject(&[]), Action::ReadMetrics));
     }

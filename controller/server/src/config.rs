@@ -36,6 +36,10 @@ pub struct ControllerConfig {
     pub session_idle_secs: u64,
     /// Absolute lifetime of admin sessions, seconds.
     pub session_absolute_secs: u64,
+    /// The appliance image update public key: a file holding 64 hex digits
+    /// (what `cargo xtask image` writes as `target/image/image-signing.pub`).
+    /// Without it, image releases cannot be uploaded.
+    pub update_key: Option<PathBuf>,
 }
 
 impl Default for ControllerConfig {
@@ -51,6 +55,7 @@ impl Default for ControllerConfig {
             kms: None,
             session_idle_secs: 15 * 60,
             session_absolute_secs: 8 * 3600,
+            update_key: None,
         }
     }
 }
@@ -119,6 +124,18 @@ impl ControllerConfig {
             .map_err(|e| ConfigError::Invalid { path: path.into(), message: e.to_string() })
     }
 
+    /// The update public key from [`update_key`](Self::update_key), checked
+    /// (64 hex digits of an Ed25519 public key), as lowercase hex.
+    pub fn load_update_key(&self) -> Result<Option<String>, ConfigError> {
+        let Some(path) = &self.update_key else { return Ok(None) };
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+        parse_update_key(&text).map(Some).map_err(|message| ConfigError::Invalid {
+            path: path.clone(),
+            message: format!("update_key: {message}"),
+        })
+    }
+
     /// The KMS configuration in effect.
     pub fn kms(&self) -> KmsConfig {
         self.kms.clone().unwrap_or_else(|| KmsConfig::Builtin {
@@ -157,6 +174,26 @@ impl ControllerConfig {
     }
 }
 
+/// Checks an update public key's text: 64 hex digits (surrounding
+/// whitespace allowed) of a valid Ed25519 public key; returns it lowercase.
+pub fn parse_update_key(text: &str) -> Result<String, String> {
+    let t = text.trim();
+    if t.len() != 64 || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!(
+            "expected 64 hex digits (an Ed25519 public key), found {} characters",
+            t.chars().count()
+        ));
+    }
+    let t = t.to_ascii_lowercase();
+    let mut raw = [0u8; 32];
+    for (i, b) in raw.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&t[2 * i..2 * i + 2], 16).map_err(|e| e.to_string())?;
+    }
+    ed25519_dalek::VerifyingKey::from_bytes(&raw)
+        .map_err(|_| "the 64 hex digits are not a valid Ed25519 public key".to_owned())?;
+    Ok(t)
+}
+
 fn host_of(url: &str) -> Option<String> {
     let rest = url.strip_prefix("https://")?;
     let hostport = rest.split('/').next()?;
@@ -191,6 +228,24 @@ mod tests {
         assert!(c.check().is_ok());
         c.agent_url = Some("http://x".into());
         assert!(c.check().is_err());
+    }
+
+    #[test]
+    fn update_keys_are_64_hex_digits_of_an_ed25519_key() {
+        let pk = ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key();
+        let hex: String = pk.as_bytes().iter().map(|b| format!("{b:02X}")).collect();
+        assert_eq!(parse_update_key(&format!("{hex}\n")).unwrap(), hex.to_lowercase());
+        assert!(parse_update_key("abcd").unwrap_err().contains("64 hex digits"));
+        assert!(parse_update_key(&"zz".repeat(32)).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("k.pub");
+        std::fs::write(&f, "nope").unwrap();
+        let c = ControllerConfig { update_key: Some(f.clone()), ..Default::default() };
+        let e = c.load_update_key().unwrap_err().to_string();
+        assert!(e.contains("k.pub") && e.contains("update_key"), "{e}");
+        let c = ControllerConfig { update_key: Some(dir.path().join("missing")), ..c };
+        assert!(c.load_update_key().is_err());
+        assert_eq!(ControllerConfig::default().load_update_key().unwrap(), None);
     }
 
     #[test]

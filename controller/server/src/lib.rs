@@ -4,6 +4,7 @@
 //!  admin / airlockctl ──HTTPS (TLS 1.2/1.3)──▶ main listener: /api/v1 (sessions), /api/v1/enroll (tokens)
 //!                                                   │ policy upload → validate → version (store)
 //!                                                   │ → compile per appliance → sign bundle (Ed25519)
+//!                                                   │ image releases (verified bundles) and their rollout
 //!                                                   ▼
 //!  agent ◀──mTLS (client cert from the CA)── agent listener: /agent/v1/stream (NDJSON push), report, renew
 //!
@@ -21,6 +22,7 @@ pub mod ca;
 pub mod config;
 pub mod metrics;
 pub mod policy;
+pub mod releases;
 pub mod run;
 pub mod server;
 pub mod state;

@@ -14,6 +14,7 @@ use crate::{
     config::ControllerConfig,
     metrics::Metrics,
     policy::{self, Policies},
+    releases::Releases,
     server,
     state::{system_clock, AppState},
     sync::Hub,
@@ -38,6 +39,12 @@ pub enum StartError {
     /// Users.
     #[error("users")]
     Auth(#[from] auth::AuthError),
+    /// Configuration (the update key).
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// Image releases.
+    #[error("image releases")]
+    Releases(#[from] crate::releases::ReleaseStoreError),
     /// Binding a listener.
     #[error("cannot listen on {addr}")]
     Bind {
@@ -72,6 +79,7 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
 /// configured) on the current tokio runtime. Port 0 binds an ephemeral port;
 /// URLs then follow the bound addresses unless configured.
 pub async fn start(mut cfg: ControllerConfig, store: Store) -> Result<Started, StartError> {
+    let update_key = cfg.load_update_key()?;
     let main_l = bind(cfg.listen).await?;
     let agent_l = bind(cfg.agent_listen).await?;
     let main_addr =
@@ -97,6 +105,7 @@ pub async fn start(mut cfg: ControllerConfig, store: Store) -> Result<Started, S
     let enrolled = appliances.load_registry(&registry)?;
     let key = policy::signing_key(&store)?;
     let bootstrap = auth::bootstrap(&store, now)?;
+    let releases = Releases::open(store.clone(), &cfg.data_dir, update_key)?;
     let state = Arc::new(AppState {
         ca,
         cert: cert.clone(),
@@ -104,6 +113,7 @@ pub async fn start(mut cfg: ControllerConfig, store: Store) -> Result<Started, S
         sessions: Sessions::new(cfg.session_idle_secs, cfg.session_absolute_secs),
         appliances,
         policies: Policies::new(store.clone(), key),
+        releases,
         hub: Arc::new(Hub::default()),
         metrics: Metrics::default(),
         telemetry: Default::default(),

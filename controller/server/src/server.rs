@@ -93,7 +93,12 @@ async fn carry_user(req: Request, next: Next) -> Response {
     resp
 }
 
-fn harden(r: Router, timeout: bool) -> Router {
+/// The request time limit of the main listener's routes.
+fn time_limited(r: Router) -> Router {
+    r.layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, REQUEST_TIMEOUT))
+}
+
+fn harden(r: Router) -> Router {
     let r = r
         .layer(SetResponseHeaderLayer::overriding(
             header::STRICT_TRANSPORT_SECURITY,
@@ -115,25 +120,25 @@ fn harden(r: Router, timeout: bool) -> Router {
             header::CACHE_CONTROL,
             HeaderValue::from_static("no-store"),
         ));
-    let r = if timeout {
-        r.layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, REQUEST_TIMEOUT))
-    } else {
-        r
-    };
     r.layer(middleware::from_fn(carry_user)).layer(middleware::from_fn(access_log))
 }
 
-/// The main listener's service.
+/// The main listener's service. Every route has the overall request time
+/// limit except the release upload, which may take minutes and has a time
+/// limit per received chunk instead.
 pub fn main_app(state: Arc<AppState>) -> Router {
     let st = state.clone();
-    let app = crate::api::api_router(state.clone()).merge(crate::ui::ui_router(state));
-    harden(app, true).layer(axum::Extension(st))
+    let app = time_limited(
+        crate::api::api_router(state.clone()).merge(crate::ui::ui_router(state.clone())),
+    )
+    .merge(crate::api::upload_router(state));
+    harden(app).layer(axum::Extension(st))
 }
 
 /// The agent listener's service (no overall timeout: the stream is long-lived).
 pub fn agent_app(state: Arc<AppState>) -> Router {
     let st = state.clone();
-    harden(crate::api::agent_router(state).layer(middleware::from_fn(current_cert)), false)
+    harden(crate::api::agent_router(state).layer(middleware::from_fn(current_cert)))
         .layer(axum::Extension(st))
 }
 

@@ -10,6 +10,7 @@ use crate::{
     ca::Ca,
     metrics::Metrics,
     policy::Policies,
+    releases::Releases,
     sync::Hub,
     telemetry::Telemetry,
     tls::{Registry, ServerCert},
@@ -32,6 +33,8 @@ pub struct AppState {
     pub appliances: Appliances,
     /// Policy versions and bundles.
     pub policies: Policies,
+    /// Image releases and their rollout.
+    pub releases: Releases,
     /// Bundle streams and reports.
     pub hub: Arc<Hub>,
     /// Counters.

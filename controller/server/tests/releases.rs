@@ -1,0 +1,535 @@
+//! Image releases end to end: a real controller (in-process, and the binary
+//! for the restart) over real TLS, bundles built and signed here (a tiny
+//! ustar writer, a key from a fixed seed), uploads, the rollout, the offer
+//! in the report answer and the agent's download over mTLS.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    net::SocketAddr,
+    path::Path,
+    process::{Command, Stdio},
+    sync::Arc,
+    time::Duration,
+};
+
+use airlock_controller::{config::ControllerConfig, run::Started};
+use airlock_proto::{
+    admin::{ApiError, ReleaseView, ReleasesOverview, RolloutProgress},
+    agent::{EnrollResponse, Report},
+    release::{self as rel, FileRef, Manifest, ReleaseState, ReportResponse, RootRef},
+};
+use ed25519_dalek::{Signer as _, SigningKey};
+use http_body_util::{BodyExt as _, Full};
+use hyper::{body::Bytes, Request};
+use rustls::{
+    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName},
+    ClientConfig, RootCertStore,
+};
+use sha2::{Digest as _, Sha256};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+// ---- bundles ------------------------------------------------------------------
+
+fn key() -> SigningKey {
+    SigningKey::from_bytes(&[42; 32])
+}
+
+fn pub_hex(k: &SigningKey) -> String {
+    rel::hex(k.verifying_key().as_bytes())
+}
+
+/// A ustar archive of `files`.
+fn tar(files: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, data) in files {
+        let mut h = [0u8; 512];
+        h[..name.len()].copy_from_slice(name.as_bytes());
+        h[100..108].copy_from_slice(b"0000644\0");
+        h[124..136].copy_from_slice(format!("{:011o}\0", data.len()).as_bytes());
+        h[156] = b'0';
+        h[257..263].copy_from_slice(b"ustar\0");
+        h[148..156].copy_from_slice(b"        ");
+        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        out.extend_from_slice(&h);
+        out.extend_from_slice(data);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+    }
+    out.resize(out.len() + 1024, 0);
+    out
+}
+
+#[derive(Clone, Copy, Default)]
+struct Defect {
+    unsigned: bool,
+    tampered_root: bool,
+}
+
+/// A signed bundle of `release`; `fill` varies the root image's bytes.
+fn bundle(key: &SigningKey, release: u64, fill: u8, d: Defect) -> Vec<u8> {
+    let root = vec![fill; 2 * 4096];
+    let (ua, ub) = (b"uki a".to_vec(), b"uki b".to_vec());
+    let f = |x: &[u8]| FileRef { size: x.len() as u64, sha256: rel::hex(&Sha256::digest(x)) };
+    let m = Manifest {
+        format: rel::FORMAT,
+        release,
+        image_version: format!("0.1.0+r{release}"),
+        root: RootRef {
+            size: root.len() as u64,
+            sha256: rel::hex(&Sha256::digest(&root)),
+            root_hash: "cd".repeat(32),
+            hash_offset: 4096,
+        },
+        ukis: [("uki-a.efi".to_owned(), f(&ua)), ("uki-b.efi".to_owned(), f(&ub))].into(),
+    };
+    let mj = serde_json::to_vec(&m).unwrap();
+    let sig = rel::hex(&key.sign(&mj).to_bytes());
+    let mut root_in = root.clone();
+    if d.tampered_root {
+        root_in[5000] ^= 1; // same size: only the SHA-256 tells
+    }
+    let mut files: Vec<(&str, &[u8])> = vec![(rel::MANIFEST, &mj)];
+    if !d.unsigned {
+        files.push((rel::SIGNATURE, sig.as_bytes()));
+    }
+    files.extend([(rel::ROOT_IMAGE, &root_in[..]), ("uki-a.efi", &ua[..]), ("uki-b.efi", &ub[..])]);
+    tar(&files)
+}
+
+// ---- HTTPS ---------------------------------------------------------------------
+
+fn pem_to_der(pem: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    base64::engine::general_purpose::STANDARD.decode(b64).unwrap()
+}
+
+fn client(ca_pem: &str, identity: Option<(&str, &rcgen::KeyPair)>) -> ClientConfig {
+    let mut roots = RootCertStore::empty();
+    roots.add(CertificateDer::from(pem_to_der(ca_pem))).unwrap();
+    let b = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    match identity {
+        Some((cert_pem, key)) => b
+            .with_client_auth_cert(
+                vec![CertificateDer::from(pem_to_der(cert_pem))],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
+            .unwrap(),
+        None => b.with_no_client_auth(),
+    }
+}
+
+struct Resp {
+    status: u16,
+    headers: hyper::HeaderMap,
+    body: Vec<u8>,
+}
+
+impl Resp {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    fn json<T: serde::de::DeserializeOwned>(&self) -> T {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.text()))
+    }
+}
+
+async fn request(
+    addr: SocketAddr,
+    tls: ClientConfig,
+    method: &str,
+    path: &str,
+    body: Option<(&str, Vec<u8>)>,
+    bearer: Option<&str>,
+) -> Resp {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let tls = TlsConnector::from(Arc::new(tls))
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut send, c) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(c);
+    let mut req = Request::builder().method(method).uri(path).header("host", "127.0.0.1");
+    if let Some(t) = bearer {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let bytes = match body {
+        Some((ct, b)) => {
+            req = req.header("content-type", ct);
+            b
+        }
+        None => Vec::new(),
+    };
+    let resp = send.send_request(req.body(Full::new(Bytes::from(bytes))).unwrap()).await.unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes().to_vec();
+    Resp { status, headers, body }
+}
+
+fn json_body<T: serde::Serialize>(v: &T) -> Option<(&'static str, Vec<u8>)> {
+    Some(("application/json", serde_json::to_vec(v).unwrap()))
+}
+
+/// A controller reached over HTTPS: its addresses, CA and a session.
+struct Api {
+    main: SocketAddr,
+    agent: SocketAddr,
+    ca: String,
+    token: String,
+}
+
+impl Api {
+    async fn login(main: SocketAddr, agent: SocketAddr, ca: String, user: &str, pw: &str) -> Self {
+        let body = json_body(&serde_json::json!({"user": user, "password": pw}));
+        let r = request(main, client(&ca, None), "POST", "/api/v1/login", body, None).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let token = r.json::<serde_json::Value>()["token"].as_str().unwrap().to_owned();
+        Self { main, agent, ca, token }
+    }
+
+    async fn call(&self, method: &str, path: &str, body: Option<(&str, Vec<u8>)>) -> Resp {
+        request(self.main, client(&self.ca, None), method, path, body, Some(&self.token)).await
+    }
+
+    async fn upload(&self, bundle: Vec<u8>) -> Resp {
+        self.call("POST", "/api/v1/releases", Some(("application/octet-stream", bundle))).await
+    }
+
+    async fn overview(&self) -> ReleasesOverview {
+        let r = self.call("GET", "/api/v1/releases", None).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()
+    }
+
+    async fn rollout(&self, body: serde_json::Value) -> Resp {
+        self.call("PUT", "/api/v1/rollout", json_body(&body)).await
+    }
+
+    /// Creates and enrolls an appliance; its mTLS client configuration.
+    async fn enroll(&self, id: &str) -> ClientConfig {
+        let r = self
+            .call("POST", "/api/v1/appliances", json_body(&serde_json::json!({"id": id})))
+            .await;
+        assert_eq!(r.status, 201, "{}", r.text());
+        let token = r.json::<serde_json::Value>()["token"].as_str().unwrap().to_owned();
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let csr = rcgen::CertificateParams::new(vec![])
+            .unwrap()
+            .serialize_request(&key)
+            .unwrap()
+            .pem()
+            .unwrap();
+        let body =
+            json_body(&serde_json::json!({"token": token, "csr_pem": csr, "agent_version": "t"}));
+        let r =
+            request(self.main, client(&self.ca, None), "POST", "/api/v1/enroll", body, None).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let e: EnrollResponse = r.json();
+        client(&e.ca_pem, Some((&e.certificate_pem, &key)))
+    }
+
+    /// The agent's report; the controller's answer.
+    async fn report(&self, agent: &ClientConfig, release: Option<ReleaseState>) -> ReportResponse {
+        let rep = Report { release, ..Report::default() };
+        let r =
+            request(self.agent, agent.clone(), "POST", "/agent/v1/report", json_body(&rep), None)
+                .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()
+    }
+
+    async fn download(&self, agent: &ClientConfig, release: u64) -> Resp {
+        let path = format!("/agent/v1/releases/{release}/bundle");
+        request(self.agent, agent.clone(), "GET", &path, None, None).await
+    }
+}
+
+fn running(release: u64) -> ReleaseState {
+    ReleaseState { release, slot: "a".into(), ..ReleaseState::default() }
+}
+
+fn error_of(r: &Resp) -> ApiError {
+    r.json()
+}
+
+fn write_key(dir: &Path, key: &SigningKey) -> std::path::PathBuf {
+    let p = dir.join("image-signing.pub");
+    std::fs::write(&p, format!("{}\n", pub_hex(key))).unwrap();
+    p
+}
+
+struct InProcess {
+    dir: tempfile::TempDir,
+    started: Started,
+    api: Api,
+}
+
+async fn start(update_key: bool) -> InProcess {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ControllerConfig {
+        data_dir: dir.path().join("data"),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        agent_listen: "127.0.0.1:0".parse().unwrap(),
+        update_key: update_key.then(|| write_key(dir.path(), &key())),
+        ..ControllerConfig::default()
+    };
+    std::fs::create_dir_all(&cfg.data_dir).unwrap();
+    let kms = airlock_kms::open(&cfg.kms(), None).unwrap();
+    let store = airlock_store::Store::open(&cfg.data_dir.join("store"), kms).unwrap();
+    let started = airlock_controller::run::start(cfg, store).await.unwrap();
+    let pw = started.bootstrap.clone().unwrap();
+    let ca = started.state.ca.cert_pem().to_owned();
+    let api = Api::login(started.main_addr, started.agent_addr, ca, "admin", &pw).await;
+    InProcess { dir, started, api }
+}
+
+fn stored_files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir.join("data/releases"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+// ---- tests ------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_are_verified_and_stored_once() {
+    let c = start(true).await;
+    let api = &c.api;
+    let good = bundle(&key(), 7, 1, Defect::default());
+
+    let r = api.upload(good.clone()).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let v: ReleaseView = r.json();
+    assert_eq!((v.release, v.image_version.as_str()), (7, "0.1.0+r7"));
+    assert_eq!((v.size, v.sha256.clone()), (good.len() as u64, rel::hex(&Sha256::digest(&good))));
+    assert_eq!(v.uploaded_by, "admin");
+    assert_eq!(stored_files(c.dir.path()), vec!["7.bundle".to_owned()]);
+    assert_eq!(std::fs::read(c.dir.path().join("data/releases/7.bundle")).unwrap(), good);
+
+    // The same bytes again: idempotent.
+    let r = api.upload(good.clone()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json::<ReleaseView>(), v);
+    // The same release with other bytes: conflict, the stored one stays.
+    let r = api.upload(bundle(&key(), 7, 2, Defect::default())).await;
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(error_of(&r).error, "conflict");
+    assert_eq!(std::fs::read(c.dir.path().join("data/releases/7.bundle")).unwrap(), good);
+
+    // Refused bundles: 422 with the reason, nothing stored.
+    let other = SigningKey::from_bytes(&[1; 32]);
+    let cases = [
+        (bundle(&key(), 8, 1, Defect { unsigned: true, ..Defect::default() }), "not signed"),
+        (bundle(&other, 8, 1, Defect::default()), "does not verify with the update key"),
+        (
+            bundle(&key(), 8, 1, Defect { tampered_root: true, ..Defect::default() }),
+            "root.img does not match the manifest",
+        ),
+        (b"not a bundle at all".to_vec(), "not an update bundle"),
+    ];
+    for (b, why) in cases {
+        let r = api.upload(b).await;
+        assert_eq!(r.status, 422, "{why}: {}", r.text());
+        let e = error_of(&r);
+        assert_eq!(e.error, "invalid_bundle");
+        assert!(e.message.contains(why), "{why}: {}", e.message);
+    }
+    assert_eq!(stored_files(c.dir.path()), vec!["7.bundle".to_owned()], "no temp file stays");
+    let o = api.overview().await;
+    assert!(o.uploads_enabled);
+    assert_eq!(o.releases.iter().map(|r| r.release).collect::<Vec<_>>(), vec![7]);
+
+    // Non-admins may look but not change.
+    let store = &c.started.state.store;
+    airlock_controller::auth::set_password(
+        store,
+        "audit",
+        "audit-password-1",
+        &[airlock_controller::auth::Role::Auditor],
+        1,
+    )
+    .unwrap();
+    let auditor =
+        Api::login(api.main, api.agent, api.ca.clone(), "audit", "audit-password-1").await;
+    assert_eq!(auditor.overview().await.releases.len(), 1);
+    let r = auditor.upload(bundle(&key(), 9, 1, Defect::default())).await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    let r = auditor.rollout(serde_json::json!({"release": 7})).await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    let r = auditor.call("DELETE", "/api/v1/rollout", None).await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert_eq!(stored_files(c.dir.path()), vec!["7.bundle".to_owned()]);
+
+    // The API document lists the routes.
+    let r = api.call("GET", "/api/v1/openapi.json", None).await;
+    for p in ["\"/api/v1/releases\"", "\"/api/v1/rollout\"", "ReportResponse"] {
+        assert!(r.text().contains(p), "OpenAPI lists {p}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_update_key_uploads_are_refused() {
+    let c = start(false).await;
+    let r = c.api.upload(bundle(&key(), 1, 1, Defect::default())).await;
+    assert_eq!(r.status, 409, "{}", r.text());
+    let e = error_of(&r);
+    assert!(e.message.contains("update_key"), "the message names the setting: {}", e.message);
+    assert!(!c.api.overview().await.uploads_enabled);
+    assert!(stored_files(c.dir.path()).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rollout_offers_the_release_in_report_answers_and_serves_it() {
+    let c = start(true).await;
+    let api = &c.api;
+    let good = bundle(&key(), 7, 1, Defect::default());
+    assert_eq!(api.upload(good.clone()).await.status, 201);
+    let w1 = api.enroll("ward-1").await;
+    let w2 = api.enroll("ward-2").await;
+
+    // No rollout: no offer.
+    assert_eq!(api.report(&w1, Some(running(6))).await.update, None);
+
+    // Unknown release or appliance: refused, nothing changes.
+    let r = api.rollout(serde_json::json!({"release": 99})).await;
+    assert_eq!((r.status, error_of(&r).error.as_str()), (422, "unknown_release"));
+    let r =
+        api.rollout(serde_json::json!({"release": 7, "appliances": ["ward-1", "ward-x"]})).await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert!(error_of(&r).message.contains("ward-x"), "{}", r.text());
+    assert_eq!(api.overview().await.rollout, None);
+
+    let r = api.rollout(serde_json::json!({"release": 7, "appliances": ["ward-1"]})).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // An older release gets the offer.
+    let offer = api.report(&w1, Some(running(6))).await.update.expect("offered");
+    assert_eq!(offer.release, 7);
+    assert_eq!(offer.image_version, "0.1.0+r7");
+    assert_eq!(offer.size, good.len() as u64);
+    assert_eq!(offer.sha256, rel::hex(&Sha256::digest(&good)));
+    assert_eq!(offer.path, "/agent/v1/releases/7/bundle");
+
+    // The download is exactly the upload.
+    let d = api.download(&w1, 7).await;
+    assert_eq!(d.status, 200, "{}", d.text());
+    assert_eq!(d.headers["content-length"], good.len().to_string().as_str());
+    assert_eq!(d.body, good);
+    // Not offered: another release, another appliance.
+    assert_eq!(api.download(&w1, 6).await.status, 404);
+    assert_eq!(api.report(&w2, Some(running(6))).await.update, None, "not in the rollout");
+    assert_eq!(api.download(&w2, 7).await.status, 404);
+
+    // No offer: target failed its trial here, no image, already pending, current.
+    let failed = ReleaseState { failed_trials: vec![7], ..running(6) };
+    assert_eq!(api.report(&w1, Some(failed)).await.update, None);
+    assert_eq!(api.download(&w1, 7).await.status, 404, "no offer after that report");
+    assert_eq!(api.report(&w1, None).await.update, None);
+    let pending = ReleaseState { pending: Some(7), ..running(6) };
+    assert_eq!(api.report(&w1, Some(pending.clone())).await.update, None);
+    assert_eq!(api.report(&w1, Some(running(7))).await.update, None);
+
+    // The overview shows each appliance's image and progress.
+    api.report(&w1, Some(pending)).await;
+    let o = api.overview().await;
+    assert_eq!(o.rollout.as_ref().map(|r| r.release), Some(7));
+    let p: Vec<_> = o.appliances.iter().map(|a| (a.appliance.as_str(), a.progress)).collect();
+    assert_eq!(
+        p,
+        vec![("ward-1", RolloutProgress::Pending), ("ward-2", RolloutProgress::NotTargeted)]
+    );
+    assert_eq!(o.appliances[0].image.as_ref().and_then(|i| i.pending), Some(7));
+
+    // Every appliance; then stopped.
+    let r = api.rollout(serde_json::json!({"release": 7})).await;
+    assert_eq!(r.status, 200);
+    assert!(api.report(&w2, Some(running(6))).await.update.is_some());
+    let r = api.call("DELETE", "/api/v1/rollout", None).await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_eq!(api.report(&w2, Some(running(6))).await.update, None);
+    assert_eq!(api.download(&w2, 7).await.status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn releases_and_the_rollout_survive_a_restart() {
+    use std::io::{BufRead as _, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let ready = dir.path().join("ready");
+    let cfg = dir.path().join("controller.toml");
+    let keyfile = write_key(dir.path(), &key());
+    std::fs::write(&cfg, format!("update_key = {:?}\n", keyfile.display().to_string())).unwrap();
+    let spawn = || {
+        let _ = std::fs::remove_file(&ready);
+        Command::new(env!("CARGO_BIN_EXE_airlock-controller"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--agent-listen", "127.0.0.1:0"])
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--ready-file")
+            .arg(&ready)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let wait_ready = || {
+        for _ in 0..300 {
+            if let Ok(t) = std::fs::read_to_string(&ready) {
+                let url = |k: &str| {
+                    let u = t.lines().find_map(|l| l.strip_prefix(k)).unwrap();
+                    u.trim_start_matches("https://").parse::<SocketAddr>().unwrap()
+                };
+                return (url("url="), url("agent_url="));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("controller did not start");
+    };
+    let mut child = spawn();
+    let (main, agent) = wait_ready();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut password = None;
+    let mut line = String::new();
+    while password.is_none() && out.read_line(&mut line).unwrap() > 0 {
+        password = line.split("password ").nth(1).map(|p| p.trim().to_owned());
+        line.clear();
+    }
+    let password = password.unwrap();
+    let ca = std::fs::read_to_string(dir.path().join("data/ca.pem")).unwrap();
+    let api = Api::login(main, agent, ca.clone(), "admin", &password).await;
+    let good = bundle(&key(), 3, 5, Defect::default());
+    assert_eq!(api.upload(good.clone()).await.status, 201);
+    let w = api.enroll("ward-7").await;
+    assert_eq!(
+        api.rollout(serde_json::json!({"release": 3, "appliances": ["ward-7"]})).await.status,
+        200
+    );
+    let before = api.overview().await;
+    child.kill().unwrap(); // SIGKILL: acknowledged writes must be on disk
+    child.wait().unwrap();
+
+    let mut child = spawn();
+    let (main, agent) = wait_ready();
+    let api = Api::login(main, agent, ca, "admin", &password).await;
+    let after = api.overview().await;
+    assert_eq!(after.releases, before.releases);
+    assert_eq!(after.rollout, before.rollout);
+    let offer = api.report(&w, Some(running(2))).await.update.expect("still offered");
+    assert_eq!(offer.release, 3);
+    let d = api.download(&w, 3).await;
+    assert_eq!((d.status, d.body == good), (200, true));
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

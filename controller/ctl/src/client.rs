@@ -4,11 +4,19 @@
 //! session token goes only into the `Authorization` header, never into an
 //! error or a log.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use airlock_proto::admin::ApiError;
 use http_body_util::{BodyExt as _, Full, Limited};
-use hyper::{body::Bytes, Method, Request, Uri};
+use hyper::{
+    body::{Bytes, Frame, SizeHint},
+    Method, Request, Uri,
+};
 use hyper_util::rt::TokioIo;
 use rustls::{
     pki_types::{CertificateDer, ServerName},
@@ -25,6 +33,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time allowed for a request and its whole answer (a policy apply signs a
 /// bundle per appliance).
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Time allowed for a whole upload (a few hundred MiB over a slow link).
+const UPLOAD_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Largest answer read (a long appliance list is a few MiB).
 const MAX_RESPONSE: usize = 64 << 20;
 
@@ -218,6 +228,21 @@ impl Client {
         decode(self.send(Method::POST, path, Some(body)).await?)
     }
 
+    /// `PUT path` with a JSON body, decoded.
+    pub async fn put<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let body = serde_json::to_vec(body).map_err(ClientError::Decode)?;
+        decode(self.send(Method::PUT, path, Some(body)).await?)
+    }
+
+    /// `DELETE path`; any 2xx.
+    pub async fn delete(&self, path: &str) -> Result<(), ClientError> {
+        check(self.send(Method::DELETE, path, None).await?).map(|_| ())
+    }
+
     /// `POST path` without a body, decoded.
     pub async fn post_empty<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         decode(self.send(Method::POST, path, None).await?)
@@ -241,9 +266,45 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Answer, ClientError> {
+        let content_type = body.is_some().then_some("application/json");
+        let body = Full::new(Bytes::from(body.unwrap_or_default()));
+        self.exchange(method, path, content_type, body, EXCHANGE_TIMEOUT).await
+    }
+
+    /// `POST path` with `file` (`total` bytes) streamed as an
+    /// `application/octet-stream` body, never read whole into memory;
+    /// `progress(sent, total)` after every chunk. The status and the decoded answer.
+    pub async fn upload<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        file: tokio::fs::File,
+        total: u64,
+        progress: impl FnMut(u64, u64) + Send + Unpin + 'static,
+    ) -> Result<(u16, T), ClientError> {
+        let body = FileBody { file, buf: vec![0; 256 * 1024], sent: 0, total, progress };
+        let a = self
+            .exchange(Method::POST, path, Some("application/octet-stream"), body, UPLOAD_TIMEOUT)
+            .await?;
+        let status = a.status;
+        Ok((status, decode(a)?))
+    }
+
+    async fn exchange<B>(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: Option<&str>,
+        body: B,
+        limit: Duration,
+    ) -> Result<Answer, ClientError>
+    where
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let authority = self.endpoint.authority();
         let timeout = |what| ClientError::Timeout { authority: authority.clone(), what };
-        let (mut sender, chain) = tokio::time::timeout(CONNECT_TIMEOUT, self.connect())
+        let (mut sender, chain) = tokio::time::timeout(CONNECT_TIMEOUT, self.connect::<B>())
             .await
             .map_err(|_| timeout("connecting"))??;
         let mut req = Request::builder()
@@ -255,11 +316,12 @@ impl Client {
         if let Some(t) = &self.token {
             req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
         }
-        if body.is_some() {
-            req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+        if let Some(ct) = content_type {
+            req = req.header(hyper::header::CONTENT_TYPE, ct);
         }
-        let req = req.body(Full::new(Bytes::from(body.unwrap_or_default()))).map_err(|_| {
-            ClientError::Url { url: path.to_owned(), why: "not a valid request path" }
+        let req = req.body(body).map_err(|_| ClientError::Url {
+            url: path.to_owned(),
+            why: "not a valid request path",
         })?;
         let exchange = async {
             let resp = sender.send_request(req).await.map_err(ClientError::Http)?;
@@ -271,17 +333,20 @@ impl Client {
                 .to_bytes();
             Ok::<_, ClientError>(Answer { status, body, chain })
         };
-        tokio::time::timeout(EXCHANGE_TIMEOUT, exchange)
-            .await
-            .map_err(|_| timeout("the request"))?
+        tokio::time::timeout(limit, exchange).await.map_err(|_| timeout("the request"))?
     }
 
-    async fn connect(
+    async fn connect<B>(
         &self,
     ) -> Result<
-        (hyper::client::conn::http1::SendRequest<Full<Bytes>>, Vec<CertificateDer<'static>>),
+        (hyper::client::conn::http1::SendRequest<B>, Vec<CertificateDer<'static>>),
         ClientError,
-    > {
+    >
+    where
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let authority = self.endpoint.authority();
         let tcp = TcpStream::connect((self.endpoint.host.as_str(), self.endpoint.port))
             .await
@@ -311,6 +376,58 @@ impl Client {
             let _ = conn.await;
         });
         Ok((sender, chain))
+    }
+}
+
+/// A request body read from a file chunk by chunk, reporting progress.
+struct FileBody<P> {
+    file: tokio::fs::File,
+    buf: Vec<u8>,
+    sent: u64,
+    total: u64,
+    progress: P,
+}
+
+impl<P: FnMut(u64, u64) + Unpin> hyper::body::Body for FileBody<P> {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        let this = &mut *self;
+        if this.sent >= this.total {
+            return Poll::Ready(None);
+        }
+        let want =
+            usize::try_from(this.total - this.sent).unwrap_or(usize::MAX).min(this.buf.len());
+        let mut rb = tokio::io::ReadBuf::new(&mut this.buf[..want]);
+        match tokio::io::AsyncRead::poll_read(Pin::new(&mut this.file), cx, &mut rb) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
+            Poll::Ready(Ok(())) => {
+                let n = rb.filled().len();
+                if n == 0 {
+                    return Poll::Ready(Some(Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the file became shorter while it was sent",
+                    ))));
+                }
+                let chunk = Bytes::copy_from_slice(rb.filled());
+                this.sent += n as u64;
+                (this.progress)(this.sent, this.total);
+                Poll::Ready(Some(Ok(Frame::data(chunk))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.sent >= self.total
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.total - self.sent)
     }
 }
 

@@ -2,7 +2,8 @@
 //!
 //! What it is: a thin client — login with a CA pinned by fingerprint,
 //! appliances and their one-time enrollment tokens, policy versions
-//! (validate, diff, apply, history, rollback). Every decision (validation,
+//! (validate, diff, apply, history, rollback), appliance image releases
+//! (upload, list, rollout, stop). Every decision (validation,
 //! numbering, signing, who may do what) is the controller's; airlockctl
 //! renders answers for humans, or as JSON with `--json`.
 //!
@@ -18,6 +19,7 @@ mod client;
 mod context;
 mod policy;
 mod prompt;
+mod release;
 mod render;
 mod session;
 mod tls;
@@ -35,7 +37,7 @@ $XDG_CONFIG_HOME/airlock/ctl.toml (or ~/.config/airlock/ctl.toml), mode 0600.
 
 Exit codes: 0 ok, 1 failure, 2 bad input or refused, 3 not logged in or the session ended.";
 
-/// Airlock's admin CLI: appliances, enrollment tokens and policy versions on a controller.
+/// Airlock's admin CLI: appliances, enrollment tokens, policy versions and image releases on a controller.
 #[derive(Debug, Parser)]
 #[command(name = "airlockctl", version, about, after_help = AFTER_HELP)]
 struct Cli {
@@ -74,6 +76,9 @@ enum Command {
     /// Policy versions: validate, diff, apply, history, rollback.
     #[command(subcommand)]
     Policy(policy::Cmd),
+    /// Appliance image releases: upload a signed update bundle, list, roll out, stop.
+    #[command(subcommand, visible_alias = "releases")]
+    Release(release::Cmd),
 }
 
 fn main() -> ExitCode {
@@ -95,6 +100,7 @@ fn main() -> ExitCode {
             Command::Logout => context::logout(&globals).await,
             Command::Appliances(c) => appliances::run(&globals, c).await,
             Command::Policy(c) => policy::run(&globals, c).await,
+            Command::Release(c) => release::run(&globals, c).await,
         }
     });
     match result {

@@ -39,6 +39,10 @@ impl std::fmt::Debug for Out {
 }
 
 fn lab() -> Lab {
+    lab_with(None)
+}
+
+fn lab_with(update_key: Option<PathBuf>) -> Lab {
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let data = tempfile::tempdir().unwrap();
@@ -46,6 +50,7 @@ fn lab() -> Lab {
         data_dir: data.path().into(),
         listen: "127.0.0.1:0".parse().unwrap(),
         agent_listen: "127.0.0.1:0".parse().unwrap(),
+        update_key,
         ..ControllerConfig::default()
     };
     let kms = airlock_kms::open(&cfg.kms(), None).unwrap();
@@ -460,6 +465,11 @@ fn every_command_has_help() {
         &["policy", "diff", "--help"],
         &["policy", "apply", "--help"],
         &["policy", "rollback", "--help"],
+        &["release", "--help"],
+        &["release", "upload", "--help"],
+        &["release", "list", "--help"],
+        &["release", "rollout", "--help"],
+        &["release", "stop", "--help"],
     ] {
         let o = l.ctl(cmd);
         ok(&o);
@@ -467,4 +477,116 @@ fn every_command_has_help() {
     }
     let o = l.ctl(&["login", "--password", "x"]);
     assert_eq!(o.code, 2, "no password argument exists: {o:?}");
+}
+
+/// A signed update bundle of `release` (a ustar archive, as the image build writes it).
+fn update_bundle(key: &ed25519_dalek::SigningKey, release: u64, root_len: usize) -> Vec<u8> {
+    use airlock_proto::release::{self as rel, FileRef, Manifest, RootRef};
+    use ed25519_dalek::Signer as _;
+    use sha2::{Digest as _, Sha256};
+    let root: Vec<u8> = (0..root_len).map(|i| (i % 251) as u8).collect();
+    let (ua, ub) = (b"uki a".to_vec(), b"uki b".to_vec());
+    let f = |x: &[u8]| FileRef { size: x.len() as u64, sha256: rel::hex(&Sha256::digest(x)) };
+    let m = Manifest {
+        format: rel::FORMAT,
+        release,
+        image_version: format!("0.1.0+r{release}"),
+        root: RootRef {
+            size: root.len() as u64,
+            sha256: rel::hex(&Sha256::digest(&root)),
+            root_hash: "cd".repeat(32),
+            hash_offset: 4096,
+        },
+        ukis: [("uki-a.efi".to_owned(), f(&ua)), ("uki-b.efi".to_owned(), f(&ub))].into(),
+    };
+    let mj = serde_json::to_vec(&m).unwrap();
+    let sig = rel::hex(&key.sign(&mj).to_bytes());
+    let mut out = Vec::new();
+    for (name, data) in [
+        (rel::MANIFEST, &mj[..]),
+        (rel::SIGNATURE, sig.as_bytes()),
+        (rel::ROOT_IMAGE, &root[..]),
+        ("uki-a.efi", &ua[..]),
+        ("uki-b.efi", &ub[..]),
+    ] {
+        let mut h = [0u8; 512];
+        h[..name.len()].copy_from_slice(name.as_bytes());
+        h[100..108].copy_from_slice(b"0000644\0");
+        h[124..136].copy_from_slice(format!("{:011o}\0", data.len()).as_bytes());
+        h[156] = b'0';
+        h[257..263].copy_from_slice(b"ustar\0");
+        h[148..156].copy_from_slice(b"        ");
+        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        out.extend_from_slice(&h);
+        out.extend_from_slice(data);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+    }
+    out.resize(out.len() + 1024, 0);
+    out
+}
+
+#[test]
+fn releases_are_uploaded_listed_rolled_out_and_stopped() {
+    let key = ed25519_dalek::SigningKey::from_bytes(&[42; 32]);
+    let keys = tempfile::tempdir().unwrap();
+    let pubfile = keys.path().join("image-signing.pub");
+    let hex: String = key.verifying_key().as_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(&pubfile, hex).unwrap();
+    let l = lab_with(Some(pubfile));
+    l.login();
+
+    let o = l.ctl(&["release", "list"]);
+    ok(&o);
+    assert!(o.stdout.contains("No releases yet"), "{o:?}");
+
+    // A ~24 MiB bundle is streamed (progress on stderr) and stored.
+    let big = update_bundle(&key, 4, 24 << 20);
+    let file = l.home.path().join("r4.bundle");
+    std::fs::write(&file, &big).unwrap();
+    let f = file.to_str().unwrap();
+    let o = l.ctl(&["release", "upload", f]);
+    ok(&o);
+    assert!(o.stdout.contains("Uploaded: release 4 (0.1.0+r4), 24.0 MiB"), "{o:?}");
+    assert!(o.stderr.contains("100% (24.0 MiB of 24.0 MiB)"), "{o:?}");
+    let o = l.ctl(&["release", "upload", f]);
+    ok(&o);
+    assert!(o.stdout.contains("Already stored: release 4"), "{o:?}");
+
+    // A bundle signed by another key is refused with the reason (exit 2).
+    let other = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+    let bad = l.write("bad.bundle", "");
+    std::fs::write(&bad, update_bundle(&other, 5, 8192)).unwrap();
+    let o = l.ctl(&["release", "upload", &bad]);
+    assert_eq!(o.code, 2, "{o:?}");
+    assert!(
+        o.stderr.contains("does not verify with the update key")
+            && o.stderr.contains("nothing was stored"),
+        "{o:?}"
+    );
+
+    let o = l.ctl(&["release", "rollout", "9", "--yes"]);
+    assert_eq!(o.code, 2, "{o:?}");
+    assert!(o.stderr.contains("no release 9"), "{o:?}");
+    let o = l.ctl(&["release", "rollout", "4", "--appliance", "ward-x", "--yes"]);
+    assert_eq!(o.code, 2, "{o:?}");
+    assert!(o.stderr.contains("not enrolled appliances: ward-x"), "{o:?}");
+    let o = l.ctl(&["release", "rollout", "4"]);
+    assert_eq!(o.code, 2, "no terminal, no --yes: {o:?}");
+    let o = l.ctl(&["release", "rollout", "4", "--yes"]);
+    ok(&o);
+    assert!(o.stdout.contains("Rollout: release 4 to every enrolled appliance"), "{o:?}");
+
+    let o = l.ctl(&["release", "list"]);
+    ok(&o);
+    assert!(o.stdout.contains("0.1.0+r4") && o.stdout.contains("Rollout: release 4"), "{o:?}");
+    let o = l.ctl(&["release", "list", "--json"]);
+    ok(&o);
+    let v: airlock_proto::admin::ReleasesOverview = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!((v.releases.len(), v.rollout.map(|r| r.release)), (1, Some(4)));
+
+    let o = l.ctl(&["release", "stop"]);
+    ok(&o);
+    let o = l.ctl(&["release", "list"]);
+    assert!(o.stdout.contains("Rollout: none"), "{o:?}");
 }

@@ -7,6 +7,7 @@ use std::{sync::Arc, time::Duration};
 use airlock_proto::{
     admin::ApiError,
     agent::{EnrollRequest, EnrollResponse, RenewRequest, RenewResponse, Report},
+    release::ReportResponse,
 };
 use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::{
@@ -281,20 +282,37 @@ pub async fn renew(
     decode(&body)
 }
 
-/// `POST /agent/v1/report` (mTLS) on an open connection.
+/// `POST /agent/v1/report` (mTLS) on an open connection. The answer may
+/// offer an image update; an empty body (an older controller's 204) offers
+/// nothing. A body that does not decode is [`ClientError::Decode`] (the
+/// report itself was delivered).
 pub async fn report(
     send: &mut SendRequest<Full<Bytes>>,
     ep: &Endpoint,
     r: &Report,
-) -> Result<(), ClientError> {
-    exchange(send, ep, Method::POST, "/agent/v1/report", Some(encode(r))).await.map(|_| ())
+) -> Result<ReportResponse, ClientError> {
+    let (_, body) = exchange(send, ep, Method::POST, "/agent/v1/report", Some(encode(r))).await?;
+    report_response(&body)
 }
 
-/// `GET /agent/v1/stream` (mTLS): the NDJSON body, once the answer is a 200.
-pub async fn open_stream(tls: Arc<ClientConfig>, ep: &Endpoint) -> Result<Incoming, ClientError> {
+/// Decodes a report's answer: empty (204 or an empty 200) is no offer.
+pub fn report_response(body: &[u8]) -> Result<ReportResponse, ClientError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(ReportResponse::default());
+    }
+    decode(body)
+}
+
+/// Sends a GET on a new connection; the response head once it is a 200.
+async fn open_get(
+    tls: Arc<ClientConfig>,
+    ep: &Endpoint,
+    path: &str,
+    what: &'static str,
+) -> Result<hyper::Response<Incoming>, ClientError> {
     let mut send = connect(tls, ep).await?;
-    let req = request(ep, Method::GET, "/agent/v1/stream", None)?;
-    let resp = timed("opening the bundle stream", EXCHANGE_TIMEOUT, async {
+    let req = request(ep, Method::GET, path, None)?;
+    let resp = timed(what, EXCHANGE_TIMEOUT, async {
         send.ready().await.map_err(ClientError::Http)?;
         send.send_request(req).await.map_err(ClientError::Http)
     })
@@ -309,7 +327,29 @@ pub async fn open_stream(tls: Arc<ClientConfig>, ep: &Endpoint) -> Result<Incomi
             Err(_) => ClientError::Status(status),
         });
     }
-    Ok(resp.into_body())
+    Ok(resp)
+}
+
+/// `GET /agent/v1/stream` (mTLS): the NDJSON body, once the answer is a 200.
+pub async fn open_stream(tls: Arc<ClientConfig>, ep: &Endpoint) -> Result<Incoming, ClientError> {
+    Ok(open_get(tls, ep, "/agent/v1/stream", "opening the bundle stream").await?.into_body())
+}
+
+/// `GET path` (mTLS) for a download: its `Content-Length` (when sent) and
+/// the body, once the answer is a 200. The caller reads the body with its own
+/// stall and total limits; only connecting and the response head are timed here.
+pub async fn open_download(
+    tls: Arc<ClientConfig>,
+    ep: &Endpoint,
+    path: &str,
+) -> Result<(Option<u64>, Incoming), ClientError> {
+    let resp = open_get(tls, ep, path, "starting the download").await?;
+    let len = resp
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok());
+    Ok((len, resp.into_body()))
 }
 
 #[cfg(test)]
@@ -328,6 +368,24 @@ mod tests {
         for bad in ["http://10.90.0.1:8443", "10.90.0.1:8443", "https://", "https://h/api", ""] {
             assert!(Endpoint::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn report_answers_are_empty_or_an_offer() {
+        assert_eq!(report_response(b"").unwrap(), ReportResponse::default());
+        assert_eq!(report_response(b" \n").unwrap(), ReportResponse::default());
+        assert_eq!(report_response(b"{}").unwrap(), ReportResponse::default());
+        assert_eq!(report_response(b"{\"update\":null}").unwrap(), ReportResponse::default());
+        let r = report_response(
+            br#"{"update":{"release":7,"image_version":"0.2.0+r7","size":1024,
+                "sha256":"ab","path":"/agent/v1/releases/7/bundle"}}"#,
+        )
+        .unwrap();
+        let offer = r.update.unwrap();
+        assert_eq!((offer.release, offer.size), (7, 1024));
+        assert_eq!(offer.path, "/agent/v1/releases/7/bundle");
+        assert!(matches!(report_response(b"not json"), Err(ClientError::Decode(_))));
+        assert!(matches!(report_response(b"{\"update\":5}"), Err(ClientError::Decode(_))));
     }
 
     #[test]

@@ -23,7 +23,9 @@ use super::{
     identity::{Identity, IdentityPaths},
     renew, report,
     sync::{self, Decision, SyncEvent},
-    unix_now, ControllerError, Shared, SyncStatus, Token,
+    unix_now,
+    updater::{self, UpdaterStatus},
+    ControllerError, Shared, SyncStatus, Token,
 };
 use crate::{
     config::AgentConfig,
@@ -57,6 +59,13 @@ struct Active {
     /// The state store, kept open while the link is on (bundles are saved
     /// into it); `None` when it could not be opened (then per save).
     store: Option<SledStore>,
+    /// The updater's status (`None` once its task is gone); a change is
+    /// reported at once.
+    updater: Option<watch::Receiver<UpdaterStatus>>,
+    /// The running system's paths, for the reported release state.
+    system: crate::update::System,
+    /// The last reason the release state could not be read (logged once).
+    release_error: Option<String>,
 }
 
 enum Stage {
@@ -207,11 +216,16 @@ impl Link {
         }
         let (tx, events) = mpsc::channel(4);
         let (reports, report_rx) = watch::channel(None);
+        let (offers, offer_rx) = watch::channel(None);
+        let (status_tx, updater_rx) = watch::channel(UpdaterStatus::default());
         let every = cfg.controller.as_ref().map_or(10, |c| c.report_interval_secs);
+        let settings = updater::Settings::from_config(cfg);
+        let system = settings.system.clone();
         let tasks = vec![
             tokio::spawn(sync::stream_task(Arc::clone(&shared), tx)),
-            tokio::spawn(report::report_task(Arc::clone(&shared), report_rx)),
+            tokio::spawn(report::report_task(Arc::clone(&shared), report_rx, offers)),
             tokio::spawn(renew::renew_task(Arc::clone(&shared))),
+            tokio::spawn(updater::updater_task(Arc::clone(&shared), settings, offer_rx, status_tx)),
         ];
         info!(appliance = %shared.appliance, agent_url = %shared.agent.authority(), applied_version = ?lkg_version, "controller link on");
         self.stage = Stage::On(Box::new(Active {
@@ -223,6 +237,9 @@ impl Link {
             status,
             tasks,
             store,
+            updater: Some(updater_rx),
+            system,
+            release_error: None,
         }));
     }
 
@@ -236,6 +253,13 @@ impl Link {
             Stage::On(a) => tokio::select! {
                 ev = a.events.recv() => ev.map_or(Event::Closed, Event::Sync),
                 _ = a.tick.tick() => Event::ReportDue,
+                alive = updater_changed(&mut a.updater) => {
+                    if !alive {
+                        warn!("the image updater stopped; offered updates are not taken until the agent restarts");
+                        a.updater = None;
+                    }
+                    Event::ReportDue
+                }
             },
         }
     }
@@ -291,7 +315,26 @@ impl Link {
         let Stage::On(a) = &mut self.stage else { return };
         let mut health = report::health(dp, cfg);
         health.recent_drops = self.drops.to_vec();
-        let mut r = report::build(&a.status, health);
+        let release = match crate::update::read_release_state(&a.system) {
+            Ok(r) => {
+                a.release_error = None;
+                r.map(|mut r| {
+                    if let Some(u) = &a.updater {
+                        u.borrow().merge_into(&mut r);
+                    }
+                    r
+                })
+            }
+            Err(e) => {
+                let text = super::chain(&e);
+                if a.release_error.as_ref() != Some(&text) {
+                    warn!(error = %text, "cannot read the image's release state; reports carry none");
+                    a.release_error = Some(text);
+                }
+                None
+            }
+        };
+        let mut r = report::build(&a.status, health, release);
         r.wireguard_public_key.clone_from(&self.wg_public);
         a.reports.send_replace(Some(r));
     }
@@ -340,6 +383,15 @@ impl Link {
             }
         }
         self.report(cfg, dp);
+    }
+}
+
+/// Resolves when the updater's status changed (true) or its task is gone
+/// (false); never while there is none.
+async fn updater_changed(rx: &mut Option<watch::Receiver<UpdaterStatus>>) -> bool {
+    match rx {
+        Some(r) => r.changed().await.is_ok(),
+        None => std::future::pending().await,
     }
 }
 

@@ -8,7 +8,11 @@
 //!    lkg::restore (stored bundle re-verified, localized) ─▶ maps, nft      before forwarding
 //!    Link::start ─▶ tasks: sync::stream_task ──SyncEvent──▶ run loop: Link::handle
 //!                          report::report_task ◀──Report──┘   sync::decide ─▶ policy_cmd::apply_entries
-//!                          renew::renew_task (new key + cert, atomic)        ─▶ store (LKG)
+//!                            │ offer (from the answer)                       ─▶ store (LKG)
+//!                            ▼
+//!                          updater::updater_task ──UpdaterStatus──▶ run loop (next report)
+//!                            (download, update::apply, reboot; never the dataplane)
+//!                          renew::renew_task (new key + cert, atomic)
 //! ```
 //!
 //! The run loop alone owns the dataplane: tasks only talk to the controller
@@ -27,6 +31,7 @@ pub mod report;
 mod stand_in;
 pub mod sync;
 pub mod tls;
+pub mod updater;
 pub mod wg_key;
 
 use std::{

@@ -1,10 +1,15 @@
 //! Health reports: built by the run loop from the dataplane it owns, sent by
 //! a task (`POST /agent/v1/report`) so that a slow or absent controller never
-//! holds the loop up. Only the newest report is kept for sending.
+//! holds the loop up. Only the newest report is kept for sending. The
+//! controller's answer may offer an image update; the task hands each answer's
+//! offer (or none) to the updater (`updater::updater_task`).
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use airlock_proto::agent::{Health, PortState, Report};
+use airlock_proto::{
+    agent::{Health, PortState, Report},
+    release::{ReleaseState, ReportResponse, UpdateOffer},
+};
 use http_body_util::Full;
 use hyper::{body::Bytes, client::conn::http1::SendRequest};
 use tokio::sync::watch;
@@ -63,15 +68,16 @@ fn ports(dp: &Dataplane, cfg: &AgentConfig) -> Vec<PortState> {
         .collect()
 }
 
-/// A report from the sync state and the health.
-pub fn build(status: &SyncStatus, health: Health) -> Report {
+/// A report from the sync state, the health and the image's release state
+/// (`None`: not an A/B appliance image).
+pub fn build(status: &SyncStatus, health: Health, release: Option<ReleaseState>) -> Report {
     Report {
         applied_version: status.applied_version,
         policy_version: status.policy_version,
         refused: status.refused.clone(),
         health,
         wireguard_public_key: None,
-        release: None,
+        release,
     }
 }
 
@@ -79,37 +85,57 @@ async fn send(
     shared: &Shared,
     conn: &mut Option<SendRequest<Full<Bytes>>>,
     r: &Report,
-) -> Result<(), client::ClientError> {
+) -> Result<ReportResponse, client::ClientError> {
     // One reused connection; a stale one is replaced once.
     if let Some(c) = conn.as_mut().filter(|c| !c.is_closed()) {
         match client::report(c, &shared.agent, r).await {
-            Ok(()) => return Ok(()),
-            Err(e) if e.is_refusal() => return Err(e),
+            Ok(resp) => return Ok(resp),
+            // Delivered, or refused: sending again cannot help.
+            Err(e) if e.is_refusal() || matches!(e, client::ClientError::Decode(_)) => {
+                return Err(e)
+            }
             Err(e) => debug!(error = %super::chain(&e), "report connection stale; reconnecting"),
         }
     }
     *conn = None;
     let mut c = client::connect(shared.tls(), &shared.agent).await?;
     let out = client::report(&mut c, &shared.agent, r).await;
-    if out.is_ok() {
+    if out.is_ok() || matches!(out, Err(client::ClientError::Decode(_))) {
         *conn = Some(c);
     }
     out
 }
 
-/// Sends each new report; logs a failure once, not every interval.
-pub async fn report_task(shared: Arc<Shared>, mut rx: watch::Receiver<Option<Report>>) {
+/// Sends each new report and passes the answer's update offer to `offers`
+/// (every answer, so the updater looks at an unchanged offer again); logs a
+/// failure once, not every interval.
+pub async fn report_task(
+    shared: Arc<Shared>,
+    mut rx: watch::Receiver<Option<Report>>,
+    offers: watch::Sender<Option<UpdateOffer>>,
+) {
     let mut conn = None;
     let mut failing = false;
+    let mut undecodable = false;
     while rx.changed().await.is_ok() {
         let Some(report) = rx.borrow_and_update().clone() else { continue };
         match send(&shared, &mut conn, &report).await {
-            Ok(()) => {
+            Ok(resp) => {
                 if failing {
                     info!("reports reach the controller again");
                 }
                 failing = false;
-                debug!(applied_version = ?report.applied_version, "report sent");
+                undecodable = false;
+                debug!(applied_version = ?report.applied_version, offer = ?resp.update.as_ref().map(|o| o.release), "report sent");
+                offers.send_replace(resp.update);
+            }
+            Err(e @ client::ClientError::Decode(_)) => {
+                // The report arrived; the offer (if any) stays as it was.
+                if !undecodable {
+                    warn!(error = %super::chain(&e), "the controller's answer to a report does not decode; no update offer taken from it");
+                }
+                undecodable = true;
+                failing = false;
             }
             Err(e) => {
                 conn = None;

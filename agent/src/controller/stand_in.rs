@@ -8,6 +8,7 @@ use std::{convert::Infallible, sync::Arc, time::Duration};
 use airlock_proto::{
     admin::ApiError,
     agent::{EnrollRequest, EnrollResponse, Health, RenewRequest, RenewResponse, Report},
+    release::{ReportResponse, UpdateOffer},
     PolicyBundle,
 };
 use base64::{engine::general_purpose::STANDARD as B64, Engine as _};
@@ -33,6 +34,8 @@ use super::{
 use crate::config::AgentConfig;
 
 type Body = BoxBody<Bytes, Infallible>;
+/// A served download: path, bytes, and after how many bytes it stalls.
+type Download = (String, Vec<u8>, Option<usize>);
 
 struct Fake {
     issuer: Issuer<'static, KeyPair>,
@@ -42,6 +45,12 @@ struct Fake {
     reports: mpsc::UnboundedSender<Report>,
     streams: mpsc::UnboundedSender<http_body_util::channel::Sender<Bytes, Infallible>>,
     agent_url: String,
+    /// The update offered in answers to reports (`None`: 204, as before updates).
+    offer: std::sync::Mutex<Option<UpdateOffer>>,
+    /// A download: its path, its bytes, and after how many it stalls.
+    download: std::sync::Mutex<Option<Download>>,
+    /// Senders of stalled downloads, kept open.
+    stalled: std::sync::Mutex<Vec<http_body_util::channel::Sender<Bytes, Infallible>>>,
 }
 
 fn full(status: StatusCode, body: Vec<u8>) -> Response<Body> {
@@ -95,7 +104,30 @@ impl Fake {
             }
             "/agent/v1/report" => {
                 let _ = self.reports.send(serde_json::from_slice(&body).unwrap());
-                full(StatusCode::NO_CONTENT, vec![])
+                match self.offer.lock().unwrap().clone() {
+                    None => full(StatusCode::NO_CONTENT, vec![]),
+                    Some(o) => {
+                        let r = ReportResponse { update: Some(o) };
+                        full(StatusCode::OK, serde_json::to_vec(&r).unwrap())
+                    }
+                }
+            }
+            p if self.download.lock().unwrap().as_ref().is_some_and(|d| d.0 == p) => {
+                let Some((_, data, stall)) = self.download.lock().unwrap().clone() else {
+                    return api_error(StatusCode::NOT_FOUND, "not_found");
+                };
+                let len = data.len();
+                let mut r = match stall {
+                    None => full(StatusCode::OK, data),
+                    Some(n) => {
+                        let (mut tx, body) = http_body_util::channel::Channel::new(2);
+                        tx.send_data(Bytes::from(data[..n].to_vec())).await.unwrap();
+                        self.stalled.lock().unwrap().push(tx);
+                        Response::new(body.boxed())
+                    }
+                };
+                r.headers_mut().insert(hyper::header::CONTENT_LENGTH, len.into());
+                r
             }
             "/agent/v1/stream" => {
                 let (tx, body) = http_body_util::channel::Channel::new(8);
@@ -192,6 +224,9 @@ async fn start() -> Running {
         reports: rtx,
         streams: stx,
         agent_url: format!("https://127.0.0.1:{}", agent.local_addr().unwrap().port()),
+        offer: std::sync::Mutex::new(None),
+        download: std::sync::Mutex::new(None),
+        stalled: std::sync::Mutex::new(Vec::new()),
     });
     let main_url = format!("https://127.0.0.1:{}", main.local_addr().unwrap().port());
     tokio::spawn(listen(Arc::clone(&fake), main_cfg, main));
@@ -331,7 +366,8 @@ async fn bundles_stream_in_reports_go_out_and_the_certificate_renews() {
         release: None,
     };
     let mut conn = client::connect(shared.tls(), &shared.agent).await.unwrap();
-    client::report(&mut conn, &shared.agent, &report).await.unwrap();
+    let answer = client::report(&mut conn, &shared.agent, &report).await.unwrap();
+    assert_eq!(answer, ReportResponse::default(), "a 204 offers nothing");
     assert_eq!(c.reports.recv().await.unwrap(), report);
 
     // Renewal: a new key and a 60-day certificate replace the pair on disk,
@@ -347,5 +383,236 @@ async fn bundles_stream_in_reports_go_out_and_the_certificate_renews() {
     let mut conn = client::connect(shared.tls(), &shared.agent).await.unwrap();
     client::report(&mut conn, &shared.agent, &report).await.unwrap();
     assert!(c.reports.recv().await.is_some());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+async fn enrolled(tag: &str) -> (Running, Arc<Shared>, std::path::PathBuf) {
+    let c = start().await;
+    let (cfg, dir) = agent_config(tag);
+    let id = super::enroll(&cfg, &c.main_url, &c.fingerprint, &token("good-token")).await.unwrap();
+    let shared = Arc::new(Shared::new(&id, IdentityPaths::new(&cfg.appliance.state_dir)).unwrap());
+    (c, shared, dir)
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest as _;
+    crate::update::hex(&sha2::Sha256::digest(b))
+}
+
+fn bundle_offer(release: u64, data: &[u8]) -> UpdateOffer {
+    UpdateOffer {
+        release,
+        image_version: format!("0.1.0+r{release}"),
+        size: data.len() as u64,
+        sha256: sha256_hex(data),
+        path: format!("/agent/v1/releases/{release}/bundle"),
+    }
+}
+
+#[tokio::test]
+async fn report_answers_offer_updates_and_the_task_passes_them_on() {
+    let (mut c, shared, dir) = enrolled("offer").await;
+    let report = Report {
+        applied_version: None,
+        policy_version: None,
+        refused: None,
+        health: Health::default(),
+        wireguard_public_key: None,
+        release: Some(airlock_proto::release::ReleaseState {
+            release: 1,
+            slot: "a".into(),
+            ..Default::default()
+        }),
+    };
+    let mut conn = client::connect(shared.tls(), &shared.agent).await.unwrap();
+    assert_eq!(client::report(&mut conn, &shared.agent, &report).await.unwrap().update, None);
+    let offer = bundle_offer(2, b"bundle bytes");
+    *c.fake.offer.lock().unwrap() = Some(offer.clone());
+    let answer = client::report(&mut conn, &shared.agent, &report).await.unwrap();
+    assert_eq!(answer.update, Some(offer.clone()), "a 200 with JSON carries the offer");
+    assert_eq!(c.reports.recv().await.unwrap().release, report.release);
+
+    // The report task hands every answer's offer to the updater's channel.
+    let (reports, report_rx) = tokio::sync::watch::channel(None);
+    let (offers, mut offer_rx) = tokio::sync::watch::channel(None);
+    let task = tokio::spawn(super::report::report_task(Arc::clone(&shared), report_rx, offers));
+    reports.send_replace(Some(report.clone()));
+    tokio::time::timeout(Duration::from_secs(10), offer_rx.changed()).await.unwrap().unwrap();
+    assert_eq!(*offer_rx.borrow_and_update(), Some(offer));
+    *c.fake.offer.lock().unwrap() = None;
+    reports.send_replace(Some(report));
+    tokio::time::timeout(Duration::from_secs(10), offer_rx.changed()).await.unwrap().unwrap();
+    assert_eq!(*offer_rx.borrow(), None, "a withdrawn offer");
+    task.abort();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+struct UpdaterRun {
+    offers: tokio::sync::watch::Sender<Option<UpdateOffer>>,
+    status: tokio::sync::watch::Receiver<super::updater::UpdaterStatus>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl UpdaterRun {
+    fn start(shared: &Arc<Shared>, settings: super::updater::Settings) -> Self {
+        let (offers, offer_rx) = tokio::sync::watch::channel(None);
+        let (status_tx, status) = tokio::sync::watch::channel(Default::default());
+        let task = tokio::spawn(super::updater::updater_task(
+            Arc::clone(shared),
+            settings,
+            offer_rx,
+            status_tx,
+        ));
+        Self { offers, status, task }
+    }
+
+    async fn wait(
+        &mut self,
+        what: &str,
+        f: impl FnMut(&super::updater::UpdaterStatus) -> bool,
+    ) -> super::updater::UpdaterStatus {
+        let mut rx = self.status.clone();
+        let got = match tokio::time::timeout(Duration::from_secs(30), rx.wait_for(f)).await {
+            Ok(r) => r.unwrap().clone(),
+            Err(_) => panic!("{what}: {:?}", *self.status.borrow()),
+        };
+        got
+    }
+}
+
+fn settings(fx: &crate::update::tests::Fixture, reboot: Vec<String>) -> super::updater::Settings {
+    super::updater::Settings {
+        enabled: true,
+        system: fx.sys.clone(),
+        download_dir: fx.dir.join("download"),
+        reboot_command: reboot,
+        tries: 2,
+        stall_limit: Duration::from_secs(1),
+        reboot_grace: Duration::ZERO,
+    }
+}
+
+#[tokio::test]
+async fn an_offered_update_is_downloaded_checked_applied_and_rebooted_into() {
+    use crate::update::{list_entries, tests::Fixture};
+    let (c, shared, dir) = enrolled("update-ok").await;
+    let fx = Fixture::new("updater-ok");
+    let bundle = std::fs::read(fx.bundle(&fx.manifest(2), Some(&fx.key), &fx.root)).unwrap();
+    let offer = bundle_offer(2, &bundle);
+    *c.fake.download.lock().unwrap() = Some((offer.path.clone(), bundle, None));
+    // A bundle left behind by an earlier run is cleared first.
+    let dl = fx.dir.join("download");
+    std::fs::create_dir_all(&dl).unwrap();
+    std::fs::write(dl.join("9.bundle.part"), b"left over").unwrap();
+    let rebooted = fx.dir.join("rebooted");
+    let cmd = vec!["touch".to_owned(), rebooted.display().to_string()];
+    let mut run = UpdaterRun::start(&shared, settings(&fx, cmd));
+
+    run.offers.send_replace(Some(offer.clone()));
+    let st = run.wait("installed", |s| s.pending == Some(2)).await;
+    assert_eq!((st.in_progress, st.last_failure), (None, None));
+    assert_eq!(
+        list_entries(&fx.sys.uki_dir).unwrap(),
+        ["airlock-1-a.efi".to_owned(), "airlock-2-b+2.efi".to_owned()]
+    );
+    let slot_b = std::fs::read(fx.sys.partitions.join("airlock-root-b")).unwrap();
+    assert_eq!(&slot_b[..fx.root.len()], &fx.root[..]);
+    assert_eq!(list_entries(&dl).unwrap(), Vec::<String>::new(), "the bundle is removed");
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !rebooted.exists() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the reboot command ran");
+    // The system now shows release 2 pending: the same offer is left alone.
+    let state = crate::update::read_release_state(&fx.sys).unwrap().unwrap();
+    assert_eq!(state.pending, Some(2));
+    std::fs::remove_file(&rebooted).unwrap();
+    run.offers.send_replace(Some(offer));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!rebooted.exists());
+    assert_eq!(run.status.borrow().pending, Some(2));
+    run.task.abort();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn bad_downloads_and_refused_bundles_are_reported_and_write_nothing() {
+    use crate::update::{list_entries, tests::Fixture};
+    let (c, shared, dir) = enrolled("update-bad").await;
+    let fx = Fixture::new("updater-bad");
+    let before = (
+        std::fs::read(fx.sys.partitions.join("airlock-root-b")).unwrap(),
+        list_entries(&fx.sys.uki_dir).unwrap(),
+    );
+    let dl = fx.dir.join("download");
+    let mut run = UpdaterRun::start(&shared, settings(&fx, vec!["false".into()]));
+    let good = std::fs::read(fx.bundle(&fx.manifest(2), Some(&fx.key), &fx.root)).unwrap();
+
+    // Bytes other than the offered ones: final for this bundle.
+    let mut wrong = bundle_offer(2, &good);
+    wrong.sha256 = "00".repeat(32);
+    *c.fake.download.lock().unwrap() = Some((wrong.path.clone(), good.clone(), None));
+    run.offers.send_replace(Some(wrong.clone()));
+    let st = run.wait("checksum", |s| s.last_failure.is_some() && s.in_progress.is_none()).await;
+    let f = st.last_failure.unwrap();
+    assert_eq!(f.release, 2);
+    assert!(f.reason.contains("SHA-256") && f.reason.contains(&"00".repeat(32)), "{}", f.reason);
+    assert_eq!(list_entries(&dl).unwrap(), Vec::<String>::new(), "the partial file is removed");
+
+    // A stalled transfer fails after the stall limit and is retried later.
+    let stalled = bundle_offer(2, &good);
+    *c.fake.download.lock().unwrap() = Some((stalled.path.clone(), good.clone(), Some(1000)));
+    run.offers.send_replace(Some(stalled));
+    let st = run
+        .wait("stall", |s| {
+            s.last_failure.as_ref().is_some_and(|f| f.reason.contains("stalled"))
+                && s.in_progress.is_none()
+        })
+        .await;
+    assert!(st.last_failure.unwrap().reason.contains("no data for 1 s"));
+    assert_eq!(list_entries(&dl).unwrap(), Vec::<String>::new());
+
+    // A bundle signed by another key: the offer matches, apply refuses it.
+    let other = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    let forged = std::fs::read(fx.bundle(&fx.manifest(3), Some(&other), &fx.root)).unwrap();
+    let forged_offer = bundle_offer(3, &forged);
+    *c.fake.download.lock().unwrap() = Some((forged_offer.path.clone(), forged, None));
+    run.offers.send_replace(Some(forged_offer.clone()));
+    let st = run
+        .wait("refused", |s| {
+            s.last_failure.as_ref().is_some_and(|f| f.release == 3) && s.in_progress.is_none()
+        })
+        .await;
+    let f = st.last_failure.unwrap();
+    assert!(f.reason.contains("signature does not verify"), "{}", f.reason);
+    assert_eq!(st.pending, None);
+    assert_eq!(list_entries(&dl).unwrap(), Vec::<String>::new(), "the refused bundle is removed");
+    // Not tried again in this run.
+    let at = f.at;
+    run.offers.send_replace(Some(forged_offer));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let st = run.status.borrow().clone();
+    assert_eq!((st.in_progress, st.last_failure.map(|f| f.at)), (None, Some(at)));
+
+    // Disabled updates are reported, not taken.
+    run.task.abort();
+    let mut off = settings(&fx, vec![]);
+    off.enabled = false;
+    let mut run = UpdaterRun::start(&shared, off);
+    run.offers.send_replace(Some(bundle_offer(2, &good)));
+    let st = run.wait("disabled", |s| s.last_failure.is_some()).await;
+    assert!(st.last_failure.unwrap().reason.contains("disabled"));
+    run.task.abort();
+
+    assert_eq!(
+        (
+            std::fs::read(fx.sys.partitions.join("airlock-root-b")).unwrap(),
+            list_entries(&fx.sys.uki_dir).unwrap()
+        ),
+        before,
+        "nothing was written"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -324,3 +324,62 @@ async fn registering_a_service_is_a_checked_policy_change() {
     let list = ui.get("/services").await;
     assert!(list.body.contains("regional-lab"));
 }
+
+#[tokio::test]
+async fn image_state_shows_on_the_appliance_page_the_updates_page_and_as_alarms() {
+    use airlock_proto::{
+        agent::{Health, Report},
+        release::{ReleaseState, UpdateFailure},
+    };
+    let ui = Ui::start().await;
+    let st = &ui.started.state;
+    let now = st.now();
+    let (token, _) = st.appliances.create("ward-5", None, now).unwrap();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let csr = rcgen::CertificateParams::new(vec![])
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    st.appliances.enroll(&st.ca, &st.registry, &token, &csr, now).unwrap();
+    let report = Report {
+        health: Health { enforcing: true, ..Health::default() },
+        release: Some(ReleaseState {
+            release: 6,
+            slot: "b".into(),
+            on_trial: true,
+            failed_trials: vec![4],
+            in_progress: None,
+            pending: Some(7),
+            last_failure: Some(UpdateFailure {
+                release: 5,
+                reason: "the download's SHA-256 differs".into(),
+                at: now - 30,
+            }),
+        }),
+        ..Report::default()
+    };
+    st.hub.report("ward-5", report, now);
+
+    let r = ui.get("/appliances/ward-5").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    for want in
+        ["id=\"image-h\"", "on trial", "the download's SHA-256 differs", "not in the rollout"]
+    {
+        assert!(r.body.contains(want), "{want}: {}", r.body);
+    }
+    let r = ui.get("/").await;
+    assert!(
+        r.body.contains("image update to release 5 failed: the download's SHA-256 differs"),
+        "{}",
+        r.body
+    );
+    assert!(r.body.contains("href=\"/updates\""), "linked in the navigation");
+    let r = ui.get("/updates").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.header("content-security-policy").contains("default-src 'none'"));
+    for want in ["No rollout", "No release uploaded yet", "uploads off", "ward-5"] {
+        assert!(r.body.contains(want), "{want}: {}", r.body);
+    }
+}

@@ -19,6 +19,8 @@ pub enum Nav {
     History,
     /// External services.
     Services,
+    /// Image releases and their rollout.
+    Updates,
 }
 
 /// One navigation entry: the audience section it sits in, what it needs.
@@ -54,6 +56,12 @@ const SECTIONS: &[(&str, &[Item])] = &[(
             href: "/services",
             label: "External services",
             needs: Action::ReadPolicy,
+        },
+        Item {
+            nav: Nav::Updates,
+            href: "/updates",
+            label: "Image updates",
+            needs: Action::ReadReleases,
         },
     ],
 )];

@@ -268,6 +268,7 @@ pub fn ui_router(state: Arc<AppState>) -> Router {
         .route("/ui/live/convergence/{v}", get(pages::policy::convergence_live))
         .route("/policy/rollback", post(pages::policy::rollback))
         .route("/services", get(pages::services::page))
+        .route("/updates", get(pages::updates::page))
         .route("/services/preview", post(pages::services::preview))
         .layer(DefaultBodyLimit::max(64 * 1024))
         .merge(big_forms)

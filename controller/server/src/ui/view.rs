@@ -1,5 +1,6 @@
 //! What the pages say about an appliance: its state and its alarms, derived
-//! from its record, its last report and the time (a pure function).
+//! from its record, its last report, the image rollout's target and the
+//! time (a pure function).
 
 use airlock_proto::{admin::ApplianceState, agent::Report};
 
@@ -65,12 +66,14 @@ impl Status {
     }
 }
 
-/// Derives the status.
+/// Derives the status. `rollout_target`: the image release the rollout
+/// offers this appliance, if any.
 pub fn status(
     rec: &ApplianceRecord,
     report: Option<(&Report, u64)>,
     connected: bool,
     desired: Option<u64>,
+    rollout_target: Option<u64>,
     now: u64,
 ) -> Status {
     let mut alarms = Vec::new();
@@ -122,6 +125,22 @@ pub fn status(
                         "policy not yet applied: bundle {} of {d}",
                         a.map_or("none".into(), |a| a.to_string())
                     ),
+                );
+            }
+        }
+        if let Some(img) = &r.release {
+            if let Some(t) = rollout_target.filter(|t| img.failed_trials.contains(t)) {
+                alarm(
+                    Severity::Warning,
+                    format!(
+                        "image release {t} failed its trial boot here; it is not offered again"
+                    ),
+                );
+            }
+            if let Some(f) = &img.last_failure {
+                alarm(
+                    Severity::Warning,
+                    format!("image update to release {} failed: {}", f.release, f.reason),
                 );
             }
         }
@@ -184,7 +203,7 @@ mod tests {
     #[test]
     fn a_healthy_converged_appliance_has_no_alarm() {
         let r = healthy(7);
-        let s = status(&rec(ApplianceState::Enrolled), Some((&r, 1000)), true, Some(7), 1010);
+        let s = status(&rec(ApplianceState::Enrolled), Some((&r, 1000)), true, Some(7), None, 1010);
         assert!(s.alarms.is_empty(), "{:?}", s.alarms);
         assert!(s.converged());
         assert_eq!(s.enforcing, Some(true));
@@ -202,7 +221,8 @@ mod tests {
             rx_bytes: 0,
             tx_bytes: 0,
         }];
-        let s = status(&rec(ApplianceState::Enrolled), Some((&r, 1000)), false, Some(7), 1200);
+        let s =
+            status(&rec(ApplianceState::Enrolled), Some((&r, 1000)), false, Some(7), None, 1200);
         let texts: Vec<_> = s.alarms.iter().map(|a| a.text.as_str()).collect();
         assert_eq!(s.alarms[0].severity, Severity::Critical);
         assert!(texts.contains(&"no report for 3 min"), "{texts:?}");
@@ -215,10 +235,37 @@ mod tests {
     }
 
     #[test]
+    fn failed_image_updates_warn() {
+        use airlock_proto::release::{ReleaseState, UpdateFailure};
+        let mut r = healthy(7);
+        r.release = Some(ReleaseState {
+            release: 6,
+            slot: "a".into(),
+            failed_trials: vec![8],
+            ..ReleaseState::default()
+        });
+        let on = |r: &Report, target| {
+            status(&rec(ApplianceState::Enrolled), Some((r, 1000)), true, Some(7), target, 1010)
+        };
+        assert!(on(&r, Some(9)).alarms.is_empty(), "an old failed trial of another release");
+        let s = on(&r, Some(8));
+        assert_eq!(s.alarms.len(), 1);
+        assert_eq!(s.alarms[0].severity, Severity::Warning);
+        assert!(s.alarms[0].text.contains("image release 8 failed its trial boot"), "{s:?}");
+        if let Some(i) = r.release.as_mut() {
+            i.last_failure =
+                Some(UpdateFailure { release: 9, reason: "no space left".into(), at: 900 });
+        }
+        let s = on(&r, Some(9));
+        assert_eq!(s.alarms.len(), 1);
+        assert_eq!(s.alarms[0].text, "image update to release 9 failed: no space left");
+    }
+
+    #[test]
     fn pending_and_revoked_records_raise_nothing_and_certificates_warn() {
-        let s = status(&rec(ApplianceState::Pending), None, false, None, 10_000);
+        let s = status(&rec(ApplianceState::Pending), None, false, None, None, 10_000);
         assert!(s.alarms.is_empty());
-        let s = status(&rec(ApplianceState::Revoked), None, false, None, 10_000);
+        let s = status(&rec(ApplianceState::Revoked), None, false, None, None, 10_000);
         assert!(s.alarms.is_empty());
         let r = healthy(1);
         let s = status(
@@ -226,11 +273,12 @@ mod tests {
             Some((&r, 25 * 86_400)),
             true,
             Some(1),
+            None,
             25 * 86_400,
         );
         assert_eq!(s.alarms.len(), 1);
         assert_eq!(s.alarms[0].text, "client certificate expires in 5 d");
-        let s = status(&rec(ApplianceState::Enrolled), None, true, Some(1), 30);
+        let s = status(&rec(ApplianceState::Enrolled), None, true, Some(1), None, 30);
         assert!(s.alarms.is_empty(), "just enrolled: not yet late");
     }
 }

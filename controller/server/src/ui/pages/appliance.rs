@@ -1,5 +1,6 @@
 //! One appliance: state and alarms, ports and roles, live rates, recent
-//! drops with their cause, WireGuard, the bundle it should enforce, revoke.
+//! drops with their cause, WireGuard, its image and update state, the
+//! bundle it should enforce, revoke.
 
 use axum::{
     extract::{Path, State},
@@ -36,6 +37,8 @@ fn live_body(st: &AppState, id: &str, now: u64) -> Page {
     let report = st.hub.last_report(id);
     let r = rates(st, Some(&[id]), now);
     let health = report.as_ref().map(|(r, _)| &r.health);
+    let image = report.as_ref().and_then(|(r, _)| r.release.as_ref());
+    let progress = crate::releases::progress(st.releases.rollout().as_ref(), id, image);
     Ok(html! {
         div #appliance-live data-live={ "/ui/live/appliances/" (id) } {
             div.grid {
@@ -62,6 +65,7 @@ fn live_body(st: &AppState, id: &str, now: u64) -> Page {
                     }
                 }
             }
+            (super::updates::image_block(image, progress, now))
             section aria-labelledby="ports-h" {
                 h2 #ports-h { "Ports" }
                 @match health.filter(|h| !h.ports.is_empty()) {

@@ -7,6 +7,7 @@ pub mod enroll;
 pub mod login;
 pub mod policy;
 pub mod services;
+pub mod updates;
 
 use crate::{
     appliances::ApplianceRecord,
@@ -20,7 +21,8 @@ use crate::{
 /// The status of one appliance now.
 pub fn status_of(st: &AppState, r: &ApplianceRecord, now: u64) -> Status {
     let desired = st.policies.desired_version(&r.id).ok().flatten();
-    st.hub.inspect(&r.id, |rep, conn| view::status(r, rep, conn > 0, desired, now))
+    let target = st.releases.target_for(&r.id);
+    st.hub.inspect(&r.id, |rep, conn| view::status(r, rep, conn > 0, desired, target, now))
 }
 
 /// Every appliance's record and status, by id.

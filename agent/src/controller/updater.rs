@@ -657,7 +657,9 @@ pub async fn updater_task(
     let mut u =
         Updater { shared, settings, status, failed: Failures::new(), retry: None, last_note: None };
     loop {
-        let retry_at = u.retry.as_ref().map(|r| r.at);
+        // Only a retry still ahead arms the timer: one that is due waits for
+        // the next offer (an offer ignored meanwhile must not spin this loop).
+        let retry_at = u.retry.as_ref().map(|r| r.at).filter(|at| *at > Instant::now());
         tokio::select! {
             changed = offers.changed() => if changed.is_err() { return },
             () = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => {}

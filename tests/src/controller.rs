@@ -71,6 +71,9 @@ pub struct ControllerOptions {
     /// Kill the controller with the thread that started it (off for
     /// `lab up --detach`).
     pub die_with_parent: bool,
+    /// The image update public key file (`update_key`), for tests that
+    /// upload update bundles.
+    pub update_key: Option<PathBuf>,
 }
 
 impl ControllerOptions {
@@ -105,6 +108,7 @@ impl ControllerOptions {
             api_addr: main,
             ready_timeout: CONTROLLER_READY_TIMEOUT,
             die_with_parent: true,
+            update_key: None,
         }
     }
 }
@@ -176,11 +180,14 @@ impl Controller {
             .create(&dir)
             .map_err(|e| Error::io("creating", &dir, e))?;
         let config = dir.join("controller.toml");
-        let text = format!(
+        let mut text = format!(
             "# Written by airlock-testbed.\npublic_url = {}\nagent_url = {}\n",
             toml_str(&opts.public_url),
             toml_str(&opts.agent_url)
         );
+        if let Some(key) = &opts.update_key {
+            text.push_str(&format!("update_key = {}\n", toml_str(&key.display().to_string())));
+        }
         fs::write(&config, text).map_err(|e| Error::io("writing", &config, e))?;
         let mut ctl = Controller {
             record: ControllerRecord {

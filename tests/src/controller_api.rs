@@ -166,6 +166,7 @@ impl ControllerApi {
         path: &str,
         body: Option<String>,
     ) -> Result<(u16, String)> {
+        let body = body.map(|b| (Bytes::from(b), "application/json"));
         match self.try_request(method, path, body.clone()) {
             Err(Error::Http { .. }) if method == "GET" => {
                 self.conn = None;
@@ -175,11 +176,21 @@ impl ControllerApi {
         }
     }
 
+    /// `POST /api/v1/releases`: uploads an image update bundle (raw bytes).
+    /// `(status, body)`: the test decides what it expects.
+    pub fn upload_release(&mut self, bundle: Vec<u8>) -> Result<(u16, String)> {
+        self.try_request(
+            "POST",
+            "/api/v1/releases",
+            Some((Bytes::from(bundle), "application/octet-stream")),
+        )
+    }
+
     fn try_request(
         &mut self,
         method: &'static str,
         path: &str,
-        body: Option<String>,
+        body: Option<(Bytes, &'static str)>,
     ) -> Result<(u16, String)> {
         if self.conn.as_ref().is_none_or(SendRequest::is_closed)
             || self.last_used.elapsed() > MAX_IDLE
@@ -192,11 +203,11 @@ impl ControllerApi {
         if let Some(s) = &self.session {
             req = req.header("authorization", format!("Bearer {}", s.expose()));
         }
-        if body.is_some() {
-            req = req.header("content-type", "application/json");
+        if let Some((_, content_type)) = &body {
+            req = req.header("content-type", *content_type);
         }
         let req = req
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .body(Full::new(body.map(|(b, _)| b).unwrap_or_default()))
             .map_err(|e| http(what.clone(), e))?;
         let Some(send) = self.conn.as_mut() else {
             return Err(Error::ControllerNotRunning);
@@ -284,6 +295,17 @@ impl ControllerApi {
     pub fn rollback(&mut self, to_version: u32, comment: &str) -> Result<PolicyVersionSummary> {
         let body = serde_json::json!({"to_version": to_version, "comment": comment});
         self.call("POST", "/api/v1/policy/rollback", Some(body.to_string()), 201)
+    }
+
+    /// `GET /api/v1/releases`: releases, the rollout, each appliance's image.
+    pub fn releases(&mut self) -> Result<airlock_proto::admin::ReleasesOverview> {
+        self.call("GET", "/api/v1/releases", None, 200)
+    }
+
+    /// `PUT /api/v1/rollout`: offers `release` to every enrolled appliance.
+    pub fn start_rollout(&mut self, release: u64) -> Result<airlock_proto::admin::RolloutView> {
+        let body = serde_json::json!({ "release": release }).to_string();
+        self.call("PUT", "/api/v1/rollout", Some(body), 200)
     }
 
     /// Polls [`ControllerApi::appliance`] until `done` holds (every 50 ms,

@@ -54,7 +54,8 @@ pub use agent_formats::{
 };
 /// The controller's admin API types the harness returns.
 pub use airlock_proto::admin::{
-    ApplianceState, ApplianceView, EnrollmentToken, PolicyVersionSummary,
+    ApplianceImage, ApplianceState, ApplianceView, EnrollmentToken, PolicyVersionSummary,
+    ReleasesOverview, RolloutProgress, RolloutView,
 };
 pub use browser::{Browser, BrowserOptions, Element};
 pub use controller::{

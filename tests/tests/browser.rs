@@ -34,6 +34,7 @@ fn controller(ns: &NetNs) -> Controller {
         api_addr: main,
         ready_timeout: CONTROLLER_READY_TIMEOUT,
         die_with_parent: true,
+        update_key: None,
     })
     .expect("controller starts")
 }

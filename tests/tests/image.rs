@@ -90,11 +90,28 @@ impl Vm {
 
     /// Boots with an optional second disk (update media).
     fn boot_with(disk: &Path, scratch: &Path, media: Option<&Path>) -> Vm {
+        Vm::boot_in(disk, scratch, media, None)
+    }
+
+    /// Boots, optionally inside network namespace `netns`: then the uplink
+    /// (eth1) reaches that namespace's loopback as 10.0.2.2 (QEMU user-mode
+    /// networking), where [`VmController`] listens. The patient port (eth0)
+    /// stays isolated.
+    fn boot_in(disk: &Path, scratch: &Path, media: Option<&Path>, netns: Option<&str>) -> Vm {
         let q = qemu_dir();
         let vars = scratch.join("OVMF_VARS.fd");
         std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).expect("OVMF vars (apt ovmf)");
         let qmp = scratch.join("qmp.sock");
-        let mut cmd = Command::new(q.join("usr/bin/qemu-system-x86_64"));
+        let qemu = q.join("usr/bin/qemu-system-x86_64");
+        // `ip netns exec` execs QEMU in place: the child is QEMU itself.
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&qemu);
+                c
+            }
+            None => Command::new(&qemu),
+        };
         cmd.arg("-L").arg(q.join("usr/share/qemu"));
         cmd.args(["-machine", "q35", "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2"]);
         cmd.args(["-m", "1024", "-nodefaults", "-display", "none", "-serial", "stdio"]);
@@ -110,7 +127,8 @@ impl Vm {
         // Patient (eth0) and uplink (eth1): fixed PCI slots fix the kernel's
         // order; no option ROM, so the firmware does not try to PXE boot.
         for (i, slot) in [(0, 3), (1, 4)] {
-            cmd.arg("-netdev").arg(format!("user,id=n{i},restrict=on"));
+            let restrict = if i == 1 && netns.is_some() { "off" } else { "on" };
+            cmd.arg("-netdev").arg(format!("user,id=n{i},restrict={restrict}"));
             cmd.arg("-device").arg(format!(
                 "virtio-net-pci,netdev=n{i},addr={slot:#x},romfile=,mac=52:54:00:a1:00:0{i}"
             ));
@@ -228,8 +246,16 @@ fn agent_not_active(line: &str) -> bool {
 
 /// One boot of `disk` to the end of its boot report, the checks, and a clean
 /// power-off. Returns the console.
-fn boot_and_check(disk: &Path, scratch: &Path, boot: u32) -> Vec<String> {
-    let mut vm = Vm::boot(disk, scratch);
+/// Boots, waits for the agent and the boot report and checks them, runs
+/// `during` with the VM still up, then powers off. The console lines.
+fn boot_and_check(
+    disk: &Path,
+    scratch: &Path,
+    boot: u32,
+    netns: Option<&str>,
+    during: &mut dyn FnMut(&mut Vm),
+) -> Vec<String> {
+    let mut vm = Vm::boot_in(disk, scratch, None, netns);
     let enforcing = vm.wait_for("`enforcing` from the agent", BOOT_TIMEOUT, |l| {
         l.contains("INFO") && l.contains("enforcing") && !l.contains("AIRLOCK-REPORT")
             || agent_not_active(l)
@@ -279,6 +305,7 @@ fn boot_and_check(disk: &Path, scratch: &Path, boot: u32) -> Vec<String> {
         !lines.iter().any(|l| l.trim_end().ends_with("login:")),
         "a login prompt appeared on the console"
     );
+    during(&mut vm);
     let status = vm.power_off();
     assert!(status.success(), "QEMU exit status {status}");
     assert!(
@@ -301,13 +328,118 @@ fn xtask(args: &[&str]) {
     assert!(status.success(), "cargo xtask {} failed", args.join(" "));
 }
 
-/// First boot of a fresh copy: the state partition is formatted, the factory
-/// policy applied, the boundary enforced on both layers. Second boot of the
-/// same disk: the state is opened (not formatted again) and the agent itself
-/// re-applies the stored (last-known-good) policy, so nftables holds its table
-/// without the first-boot service.
+/// A real controller for the VM, in its own network namespace, listening on
+/// that namespace's loopback; a VM started in the namespace
+/// ([`Vm::boot_in`]) reaches it as 10.0.2.2 through its uplink port.
+struct VmController {
+    // Dropped in this order: the controller, then its namespace.
+    ctl: airlock_testbed::Controller,
+    ns: airlock_testbed::NetNs,
+}
+
+/// The appliance the VM enrolls as, and its policy.
+const VM_APPLIANCE: &str = "vm-appliance";
+const VM_POLICY: &str = r#"version = 1
+description = "Image boot test: the QEMU virtual appliance"
+
+[[site]]
+name = "test-site"
+
+[[appliance]]
+name = "vm-appliance"
+site = "test-site"
+ports = { patient = ["eth0"], uplink = ["eth1"] }
+
+[[host]]
+name = "ward-pc"
+appliance = "vm-appliance"
+addresses = ["10.77.0.11"]
+"#;
+
+/// How the appliance is provisioned to reach [`VmController`].
+const VM_CONTROLLER_URL: &str = "https://10.0.2.2:8443";
+
+impl VmController {
+    /// Starts the controller, applies [`VM_POLICY`] and issues an enrollment
+    /// token for [`VM_APPLIANCE`]. The logged-in API client and the token.
+    /// `update_key`: the image update key, for tests that roll out updates.
+    fn start(
+        scratch: &Path,
+        update_key: Option<PathBuf>,
+    ) -> (VmController, airlock_testbed::ControllerApi, String) {
+        use std::net::SocketAddr;
+        let ns = airlock_testbed::NetNs::unique().expect("a namespace for the controller");
+        let main = SocketAddr::from(([127, 0, 0, 1], 8443));
+        let opts = airlock_testbed::ControllerOptions {
+            netns: ns.name().to_owned(),
+            data_dir: scratch.join("controller"),
+            bin: None,
+            listen: main,
+            agent_listen: SocketAddr::from(([127, 0, 0, 1], 8444)),
+            public_url: VM_CONTROLLER_URL.to_owned(),
+            agent_url: "https://10.0.2.2:8444".to_owned(),
+            server_names: vec!["10.0.2.2".to_owned(), "127.0.0.1".to_owned()],
+            api_addr: main,
+            ready_timeout: airlock_testbed::CONTROLLER_READY_TIMEOUT,
+            die_with_parent: true,
+            update_key,
+        };
+        let ctl = airlock_testbed::Controller::start(opts).expect("starting the controller");
+        let mut api = ctl.client().expect("logging in to the controller");
+        api.apply_policy(VM_POLICY, "image boot test").expect("applying the VM policy");
+        let token = api.create_appliance(VM_APPLIANCE).expect("an enrollment token").token;
+        (VmController { ctl, ns }, api, token)
+    }
+
+    fn netns(&self) -> &str {
+        self.ns.name()
+    }
+
+    fn ca_fingerprint(&self) -> String {
+        self.ctl.record().ca_fingerprint.clone()
+    }
+}
+
+/// Writes the first-boot settings into `disk` as a technician does at flash
+/// time: the controller, its CA fingerprint, the token and the uplink address.
+fn provision(disk: &Path, ctl: &VmController, token: &str) {
+    let status = Command::new("cargo")
+        .current_dir(airlock_testbed::workspace_root())
+        .args(["run", "--quiet", "-p", "xtask", "--", "image", "provision", "--image"])
+        .arg(disk)
+        .args(["--controller", VM_CONTROLLER_URL, "--ca-fingerprint", &ctl.ca_fingerprint()])
+        .args(["--address", "10.0.2.15/24", "--gateway", "10.0.2.2", "--interface", "eth1"])
+        .env("AIRLOCK_ENROLLMENT_TOKEN", token)
+        .status()
+        .expect("cargo xtask image provision");
+    assert!(status.success(), "cargo xtask image provision failed");
+}
+
+/// Waits (with the VM up) until the controller sees the appliance enrolled,
+/// enforcing its newest bundle; returns how long after `since` that was.
+fn wait_enrolled_and_applied(
+    api: &mut airlock_testbed::ControllerApi,
+    vm: &Vm,
+    since: Instant,
+) -> (Duration, airlock_testbed::ApplianceView) {
+    let view = api.wait_applied(VM_APPLIANCE, BOOT_TIMEOUT).unwrap_or_else(|e| {
+        panic!(
+            "the appliance did not enroll and apply its bundle: {e}\nconsole tail:\n{}",
+            vm.tail()
+        )
+    });
+    (since.elapsed(), view)
+}
+
+/// First boot of a fresh copy, provisioned for a real controller: the state
+/// partition is formatted, the factory policy applied, the boundary enforced
+/// on both layers; the agent enrolls with the provisioned token over the
+/// uplink, through its own boundary, and enforces the controller's bundle.
+/// Second boot of the same disk: the state is opened (not formatted again),
+/// the agent re-applies the stored (last-known-good) policy by itself and
+/// reconnects with its certificate (no token left).
 #[test]
-fn the_image_boots_enforces_and_keeps_its_state_across_a_reboot() {
+fn the_image_boots_enrolls_with_the_controller_and_keeps_its_state_across_a_reboot() {
     let image = image();
     let scratch = Scratch::new("boot");
     let disk = scratch.0.join("disk.img");
@@ -320,32 +452,43 @@ fn the_image_boots_enforces_and_keeps_its_state_across_a_reboot() {
         .and_then(|f| f.set_len(2 << 30))
         .expect("enlarging the disk copy");
 
-    // First-boot enrollment settings, written as a technician does at flash time.
-    let token = "it-token-Qx7Vb2NcM4pLr9Ws";
-    let status = Command::new("cargo")
-        .current_dir(airlock_testbed::workspace_root())
-        .args(["run", "--quiet", "-p", "xtask", "--", "image", "provision", "--image"])
-        .arg(&disk)
-        .args(["--controller", "https://10.0.2.2:8443", "--ca-fingerprint", &"ab".repeat(32)])
-        .env("AIRLOCK_ENROLLMENT_TOKEN", token)
-        .status()
-        .expect("cargo xtask image provision");
-    assert!(status.success(), "cargo xtask image provision failed");
+    let (ctl, mut api, token) = VmController::start(&scratch.0, None);
+    provision(&disk, &ctl, &token);
 
-    let first = boot_and_check(&disk, &scratch.0, 1);
+    let booted = Instant::now();
+    let first = boot_and_check(&disk, &scratch.0, 1, Some(ctl.netns()), &mut |vm| {
+        let (took, view) = wait_enrolled_and_applied(&mut api, vm, booted);
+        let health = view.health.as_ref().expect("a health report");
+        assert!(health.enforcing, "enrolled but not enforcing: {:?}", health.problems);
+        assert!(
+            health.ports.iter().any(|p| p.name == "eth1" && p.role == "uplink" && p.attached),
+            "{:?}",
+            health.ports
+        );
+        eprintln!(
+            "boot 1: enrolled and enforcing bundle {:?} {:.0} s after QEMU started",
+            view.applied_version,
+            took.as_secs_f64()
+        );
+    });
     let said = |lines: &[String], what: &str| lines.iter().any(|l| l.contains(what));
     assert!(
         said(&first, "airlock-provision: enrollment token moved"),
         "the provisioned token was not taken"
     );
+    assert!(said(&first, "airlock-provision: address 10.0.2.15/24 on eth1"), "no uplink address");
     assert!(
-        said(&first, "airlock-provision: controller https://10.0.2.2:8443"),
+        said(&first, &format!("airlock-provision: controller {VM_CONTROLLER_URL}")),
         "the agent did not get the provisioned controller"
     );
+    // Enrolled: the agent deleted the one-time token file.
     let config = config_files(&disk);
-    assert!(config.contains("ENROLL~1.TOK") || config.contains("enrollment.token"), "{config}");
+    assert!(
+        !config.contains("ENROLL~1.TOK") && !config.contains("enrollment.token"),
+        "the used token file is still there:\n{config}"
+    );
     let prov = config_file(&disk, "provision.toml");
-    assert!(prov.contains("controller_url = \"https://10.0.2.2:8443\""), "{prov}");
+    assert!(prov.contains(&format!("controller_url = \"{VM_CONTROLLER_URL}\"")), "{prov}");
     assert!(!prov.contains("enrollment_token"), "the token stayed in provision.toml:\n{prov}");
     assert!(
         said(&first, "airlock-state: first boot: formatting"),
@@ -356,19 +499,33 @@ fn the_image_boots_enforces_and_keeps_its_state_across_a_reboot() {
         "first boot did not apply the factory policy"
     );
 
-    let second = boot_and_check(&disk, &scratch.0, 2);
+    let seen_before = api.appliance(VM_APPLIANCE).expect("the appliance").last_seen;
+    let booted = Instant::now();
+    let second = boot_and_check(&disk, &scratch.0, 2, Some(ctl.netns()), &mut |vm| {
+        let view = api
+            .wait_for(VM_APPLIANCE, "a report from the second boot", BOOT_TIMEOUT, |v| {
+                v.last_seen > seen_before && airlock_testbed::is_applied(v)
+            })
+            .unwrap_or_else(|e| panic!("no report after the reboot: {e}\n{}", vm.tail()));
+        eprintln!(
+            "boot 2: reconnected, bundle {:?} applied, {:.0} s after QEMU started",
+            view.applied_version,
+            booted.elapsed().as_secs_f64()
+        );
+    });
     for lines in [&first, &second] {
-        assert!(!said(lines, token), "the enrollment token appeared on the console");
+        assert!(!said(lines, &token), "the enrollment token appeared on the console");
     }
     assert!(
-        said(&second, "airlock-provision: controller https://10.0.2.2:8443"),
-        "second boot: the agent lost the provisioned controller"
+        said(&second, "no token left (enrolled"),
+        "second boot: the agent was not enrolled with the provisioned controller"
     );
     assert!(!said(&second, "first boot: formatting"), "the second boot formatted the state again");
     assert!(
         !said(&second, "airlock-factory-policy: applied"),
         "the factory policy ran again on the second boot"
     );
+    assert!(api.appliance(VM_APPLIANCE).expect("the appliance").refused.is_none());
 }
 
 /// The A/B update test (`cargo xtask test --image`).
@@ -677,6 +834,100 @@ mod update {
         assert!(vm.power_off().success());
         entries(&["airlock-1-a.efi", "airlock-2-b.efi"]);
         eprintln!("update test: {:.0} s", test_started.elapsed().as_secs_f64());
+    }
+
+    /// Polls the controller's view of the appliance's image until `done`.
+    fn wait_image(
+        api: &mut airlock_testbed::ControllerApi,
+        vm: &Vm,
+        what: &str,
+        done: impl Fn(&airlock_proto::release::ReleaseState) -> bool,
+    ) -> airlock_proto::release::ReleaseState {
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            if let Ok(o) = api.releases() {
+                let me = o.appliances.into_iter().find(|a| a.appliance == VM_APPLIANCE);
+                if let Some(img) = me.as_ref().and_then(|a| a.image.clone()) {
+                    if done(&img) {
+                        return img;
+                    }
+                }
+                last = format!("{me:?}");
+            }
+            thread::sleep(Duration::from_millis(500));
+        }
+        panic!("the controller never saw {what}; last: {last}\nconsole tail:\n{}", vm.tail());
+    }
+
+    /// The controller-driven update on the real image: a tampered bundle is
+    /// refused at upload; release 2 is uploaded and rolled out; the enrolled
+    /// appliance reports release 1 on slot a, is offered release 2 in a
+    /// report answer, downloads it over mTLS through its own boundary,
+    /// verifies and writes slot b and reboots; the trial boot of slot b is
+    /// healthy, systemd-bless-boot marks it good, and the controller sees
+    /// release 2 on slot b with the rollout done.
+    #[test]
+    fn a_controller_rollout_updates_the_appliance_through_a_trial_boot() {
+        let test_started = Instant::now();
+        let image = image();
+        let (r2, _) = update_bundles(&image);
+        let scratch = Scratch::new("rollout");
+        let disk = disk_copy(&image, &scratch.0);
+        let key = image.parent().expect("the image's directory").join("image-signing.pub");
+        let (ctl, mut api, token) = VmController::start(&scratch.0, Some(key));
+        provision(&disk, &ctl, &token);
+
+        let bundle = std::fs::read(&r2).expect("the release 2 bundle");
+        let mut tampered = bundle.clone();
+        let at = tampered.len() / 3;
+        tampered[at] ^= 0x01;
+        let (status, body) = api.upload_release(tampered).expect("uploading");
+        assert_eq!(status, 422, "a tampered bundle was accepted: {body}");
+        let upload = Instant::now();
+        let (status, body) = api.upload_release(bundle).expect("uploading");
+        assert!(matches!(status, 200 | 201), "upload refused: {status} {body}");
+        eprintln!(
+            "rollout: {} MiB bundle uploaded and verified in {:.1} s",
+            std::fs::metadata(&r2).map(|m| m.len() >> 20).unwrap_or(0),
+            upload.elapsed().as_secs_f64()
+        );
+        api.start_rollout(2).expect("starting the rollout");
+
+        let mut vm = Vm::boot_in(&disk, &scratch.0, None, Some(ctl.netns()));
+        let (took, _) = wait_enrolled_and_applied(&mut api, &vm, vm.started);
+        eprintln!("rollout: enrolled and enforcing {:.0} s after QEMU started", took.as_secs_f64());
+        let installing = Instant::now();
+        let rebooted = vm.wait_exit("the reboot after the controller's update");
+        eprintln!(
+            "rollout: offered, downloaded, written and rebooting {:.0} s after enrollment \
+             ({:.0} s after QEMU started)",
+            installing.elapsed().as_secs_f64(),
+            rebooted.as_secs_f64()
+        );
+        assert!(
+            vm.lines().iter().any(|l| l.contains("installed the trial entry airlock-2-b+")),
+            "the VM rebooted without installing release 2:\n{}",
+            vm.tail()
+        );
+        let entries = esp_entries(&disk);
+        assert_eq!(entries, ["airlock-1-a.efi", "airlock-2-b+2.efi"], "ESP entries");
+
+        let mut vm = Vm::boot_in(&disk, &scratch.0, None, Some(ctl.netns()));
+        let img = wait_image(&mut api, &vm, "release 2 on slot b, marked good", |i| {
+            i.release == 2 && i.slot == "b" && !i.on_trial
+        });
+        assert!(img.failed_trials.is_empty() && img.last_failure.is_none(), "{img:?}");
+        let o = api.releases().expect("the releases");
+        let me = o.appliances.iter().find(|a| a.appliance == VM_APPLIANCE).expect("appliance");
+        assert_eq!(me.progress, airlock_testbed::RolloutProgress::Done, "{me:?}");
+        eprintln!(
+            "rollout: the trial boot of release 2 is good and reported {:.0} s after QEMU started",
+            vm.started.elapsed().as_secs_f64()
+        );
+        assert!(vm.power_off().success());
+        assert_eq!(esp_entries(&disk), ["airlock-1-a.efi", "airlock-2-b.efi"], "ESP entries");
+        eprintln!("rollout test: {:.0} s", test_started.elapsed().as_secs_f64());
     }
 }
 

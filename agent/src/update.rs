@@ -598,27 +598,8 @@ pub fn status(sys: &System) -> Result<String, UpdateError> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use ed25519_dalek::{Signer as _, SigningKey};
-
-    pub(crate) fn tar(files: &[(&str, &[u8])]) -> Vec<u8> {
-        let mut out = Vec::new();
-        for (name, data) in files {
-            let mut h = [0u8; 512];
-            h[..name.len()].copy_from_slice(name.as_bytes());
-            h[100..108].copy_from_slice(b"0000644\0");
-            h[124..136].copy_from_slice(format!("{:011o}\0", data.len()).as_bytes());
-            h[156] = b'0';
-            h[257..263].copy_from_slice(b"ustar\0");
-            h[148..156].copy_from_slice(b"        ");
-            let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
-            h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
-            out.extend_from_slice(&h);
-            out.extend_from_slice(data);
-            out.resize(out.len().div_ceil(512) * 512, 0);
-        }
-        out.resize(out.len() + 1024, 0);
-        out
-    }
+    use airlock_proto::release::testing::{manifest_for, members, sign, tar};
+    use ed25519_dalek::SigningKey;
 
     pub(crate) struct Fixture {
         pub(crate) dir: PathBuf,
@@ -667,25 +648,11 @@ pub(crate) mod tests {
         }
 
         pub(crate) fn manifest(&self, release: u64) -> Manifest {
-            let f = |d: &[u8]| FileRef { size: d.len() as u64, sha256: hex(&Sha256::digest(d)) };
-            Manifest {
-                format: FORMAT,
-                release,
-                image_version: format!("0.1.0+r{release}"),
-                root: RootRef {
-                    size: self.root.len() as u64,
-                    sha256: hex(&Sha256::digest(&self.root)),
-                    root_hash: "ab".repeat(32),
-                    hash_offset: 4096,
-                },
-                ukis: [
-                    ("uki-a.efi".to_owned(), f(&self.uki_a)),
-                    ("uki-b.efi".to_owned(), f(&self.uki_b)),
-                ]
-                .into(),
-            }
+            manifest_for(release, &self.root, &self.uki_a, &self.uki_b)
         }
 
+        /// `m` pretty-printed (as the image build writes it), signed by `key`
+        /// (unsigned when `None`), with this root image and the fixture's UKIs.
         pub(crate) fn bundle(
             &self,
             m: &Manifest,
@@ -693,17 +660,8 @@ pub(crate) mod tests {
             root: &[u8],
         ) -> PathBuf {
             let mj = serde_json::to_vec_pretty(m).unwrap();
-            let sig = key.map(|k| hex(&k.sign(&mj).to_bytes()));
-            let mut files: Vec<(&str, &[u8])> = vec![(MANIFEST, &mj)];
-            if let Some(s) = &sig {
-                files.push((SIGNATURE, s.as_bytes()));
-            }
-            files.extend([
-                (ROOT_IMAGE, root),
-                ("uki-a.efi", &self.uki_a[..]),
-                ("uki-b.efi", &self.uki_b[..]),
-            ]);
-            let data = tar(&files);
+            let sig = key.map(|k| sign(k, &mj));
+            let data = tar(&members(&mj, sig.as_deref(), root, &self.uki_a, &self.uki_b));
             let p = self.dir.join(format!("bundle-{}.tar", &hex(&Sha256::digest(&data))[..16]));
             fs::write(&p, data).unwrap();
             p
@@ -802,21 +760,11 @@ pub(crate) mod tests {
         // A changed manifest byte after signing.
         let mut m = fx.manifest(2);
         let mj = serde_json::to_vec_pretty(&m).unwrap();
-        let sig = hex(&fx.key.sign(&mj).to_bytes());
+        let sig = sign(&fx.key, &mj);
         m.release = 3;
         let mj2 = serde_json::to_vec_pretty(&m).unwrap();
         let p = fx.dir.join("edited.tar");
-        fs::write(
-            &p,
-            tar(&[
-                (MANIFEST, &mj2),
-                (SIGNATURE, sig.as_bytes()),
-                (ROOT_IMAGE, &fx.root),
-                ("uki-a.efi", &fx.uki_a),
-                ("uki-b.efi", &fx.uki_b),
-            ]),
-        )
-        .unwrap();
+        fs::write(&p, tar(&members(&mj2, Some(&sig), &fx.root, &fx.uki_a, &fx.uki_b))).unwrap();
         assert!(matches!(fx.apply(&p), Err(UpdateError::Bundle(ReleaseError::BadSignature))));
         fs::write(&p, b"not a tar at all, just some bytes").unwrap();
         assert!(matches!(fx.apply(&p), Err(UpdateError::Bundle(ReleaseError::NotABundle(_)))));
@@ -830,21 +778,11 @@ pub(crate) mod tests {
         fx.uki_b = b"uki b r2 but changed".to_vec();
         let before = fx.snapshot();
         let mj = serde_json::to_vec_pretty(&m).unwrap();
-        let sig = hex(&fx.key.sign(&mj).to_bytes());
+        let sig = sign(&fx.key, &mj);
         let mut uki_b = b"uki b r2".to_vec();
         uki_b[0] = b'X';
         let p = fx.dir.join("t.tar");
-        fs::write(
-            &p,
-            tar(&[
-                (MANIFEST, &mj),
-                (SIGNATURE, sig.as_bytes()),
-                (ROOT_IMAGE, &fx.root),
-                ("uki-a.efi", &fx.uki_a),
-                ("uki-b.efi", &uki_b),
-            ]),
-        )
-        .unwrap();
+        fs::write(&p, tar(&members(&mj, Some(&sig), &fx.root, &fx.uki_a, &uki_b))).unwrap();
         let e = fx.apply(&p).unwrap_err().to_string();
         assert!(e.contains("uki-b.efi does not match"), "{e}");
         assert_eq!(fx.snapshot(), before);
@@ -1040,26 +978,26 @@ pub(crate) mod tests {
     #[test]
     fn manifests_are_checked_after_their_signature() {
         let fx = Fixture::new("manifest");
-        let sign = |m: &Manifest| {
+        let signed = |m: &Manifest| {
             let mj = serde_json::to_vec(m).unwrap();
-            let s = hex(&fx.key.sign(&mj).to_bytes());
+            let s = sign(&fx.key, &mj);
             (mj, s)
         };
         let pk = hex(fx.key.verifying_key().as_bytes());
-        let (mj, s) = sign(&fx.manifest(2));
+        let (mj, s) = signed(&fx.manifest(2));
         assert_eq!(verify_manifest(&mj, &s, &pk).unwrap().release, 2);
         assert!(matches!(verify_manifest(&mj, &s, "12"), Err(ReleaseError::BadKey)));
         let mut m = fx.manifest(2);
         m.format = 2;
-        let (mj, s) = sign(&m);
+        let (mj, s) = signed(&m);
         assert!(verify_manifest(&mj, &s, &pk).unwrap_err().to_string().contains("format 2"));
         let mut m = fx.manifest(2);
         m.ukis.remove("uki-a.efi");
-        let (mj, s) = sign(&m);
+        let (mj, s) = signed(&m);
         assert!(verify_manifest(&mj, &s, &pk).unwrap_err().to_string().contains("uki-a.efi"));
         let mut m = fx.manifest(2);
         m.root.hash_offset = 100;
-        let (mj, s) = sign(&m);
+        let (mj, s) = signed(&m);
         assert!(verify_manifest(&mj, &s, &pk).unwrap_err().to_string().contains("hash_offset"));
     }
 }

@@ -481,49 +481,8 @@ fn every_command_has_help() {
 
 /// A signed update bundle of `release` (a ustar archive, as the image build writes it).
 fn update_bundle(key: &ed25519_dalek::SigningKey, release: u64, root_len: usize) -> Vec<u8> {
-    use airlock_proto::release::{self as rel, FileRef, Manifest, RootRef};
-    use ed25519_dalek::Signer as _;
-    use sha2::{Digest as _, Sha256};
     let root: Vec<u8> = (0..root_len).map(|i| (i % 251) as u8).collect();
-    let (ua, ub) = (b"uki a".to_vec(), b"uki b".to_vec());
-    let f = |x: &[u8]| FileRef { size: x.len() as u64, sha256: rel::hex(&Sha256::digest(x)) };
-    let m = Manifest {
-        format: rel::FORMAT,
-        release,
-        image_version: format!("0.1.0+r{release}"),
-        root: RootRef {
-            size: root.len() as u64,
-            sha256: rel::hex(&Sha256::digest(&root)),
-            root_hash: "cd".repeat(32),
-            hash_offset: 4096,
-        },
-        ukis: [("uki-a.efi".to_owned(), f(&ua)), ("uki-b.efi".to_owned(), f(&ub))].into(),
-    };
-    let mj = serde_json::to_vec(&m).unwrap();
-    let sig = rel::hex(&key.sign(&mj).to_bytes());
-    let mut out = Vec::new();
-    for (name, data) in [
-        (rel::MANIFEST, &mj[..]),
-        (rel::SIGNATURE, sig.as_bytes()),
-        (rel::ROOT_IMAGE, &root[..]),
-        ("uki-a.efi", &ua[..]),
-        ("uki-b.efi", &ub[..]),
-    ] {
-        let mut h = [0u8; 512];
-        h[..name.len()].copy_from_slice(name.as_bytes());
-        h[100..108].copy_from_slice(b"0000644\0");
-        h[124..136].copy_from_slice(format!("{:011o}\0", data.len()).as_bytes());
-        h[156] = b'0';
-        h[257..263].copy_from_slice(b"ustar\0");
-        h[148..156].copy_from_slice(b"        ");
-        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
-        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
-        out.extend_from_slice(&h);
-        out.extend_from_slice(data);
-        out.resize(out.len().div_ceil(512) * 512, 0);
-    }
-    out.resize(out.len() + 1024, 0);
-    out
+    airlock_proto::release::testing::signed_bundle(key, release, &root)
 }
 
 #[test]

@@ -340,14 +340,23 @@ pub struct UpdateOffer {
     pub path: String,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Helpers for tests, never used by production code: a tiny ustar writer and
+/// signed bundles built from a fixed layout. Compiled for this crate's tests
+/// and, through the `test-support` feature, for the dev-dependencies of the
+/// agent, the controller and airlockctl.
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing {
     use ed25519_dalek::{Signer as _, SigningKey};
     use sha2::{Digest as _, Sha256};
 
-    /// A ustar archive (the agent's tests build bundles the same way).
-    fn tar(files: &[(&str, &[u8])]) -> Vec<u8> {
+    use super::{hex, FileRef, Manifest, RootRef, FORMAT, MANIFEST, ROOT_IMAGE, SIGNATURE};
+
+    /// The UKIs `signed_bundle` puts in its bundles.
+    pub const UKI_A: &[u8] = b"uki a";
+    pub const UKI_B: &[u8] = b"uki b";
+
+    /// A ustar archive of `files`, in order, with the two zero end blocks.
+    pub fn tar(files: &[(&str, &[u8])]) -> Vec<u8> {
         let mut out = Vec::new();
         for (name, data) in files {
             let mut h = [0u8; 512];
@@ -367,30 +376,69 @@ mod tests {
         out
     }
 
-    fn bundle(key: &SigningKey, root: &[u8], drop: Option<&str>, lie_size: bool) -> Vec<u8> {
+    /// A valid manifest of `release` naming these files (image version
+    /// `0.1.0+r<release>`, a placeholder root hash, the hash tree at 4096).
+    pub fn manifest_for(release: u64, root: &[u8], uki_a: &[u8], uki_b: &[u8]) -> Manifest {
         let f = |d: &[u8]| FileRef { size: d.len() as u64, sha256: hex(&Sha256::digest(d)) };
-        let m = Manifest {
+        Manifest {
             format: FORMAT,
-            release: 3,
-            image_version: "0.1.0+r3".into(),
+            release,
+            image_version: format!("0.1.0+r{release}"),
             root: RootRef {
-                size: root.len() as u64 + u64::from(lie_size),
+                size: root.len() as u64,
                 sha256: hex(&Sha256::digest(root)),
                 root_hash: "cd".repeat(32),
                 hash_offset: 4096,
             },
-            ukis: [("uki-a.efi".to_owned(), f(b"ua")), ("uki-b.efi".to_owned(), f(b"ub"))].into(),
-        };
+            ukis: [("uki-a.efi".to_owned(), f(uki_a)), ("uki-b.efi".to_owned(), f(uki_b))].into(),
+        }
+    }
+
+    /// The hex Ed25519 signature over `manifest_json`, as `manifest.json.sig` holds it.
+    pub fn sign(key: &SigningKey, manifest_json: &[u8]) -> String {
+        hex(&key.sign(manifest_json).to_bytes())
+    }
+
+    /// A bundle's members in the image build's order; no signature member
+    /// when `signature` is `None`.
+    pub fn members<'a>(
+        manifest_json: &'a [u8],
+        signature: Option<&'a str>,
+        root: &'a [u8],
+        uki_a: &'a [u8],
+        uki_b: &'a [u8],
+    ) -> Vec<(&'a str, &'a [u8])> {
+        let mut files: Vec<(&str, &[u8])> = vec![(MANIFEST, manifest_json)];
+        if let Some(s) = signature {
+            files.push((SIGNATURE, s.as_bytes()));
+        }
+        files.extend([(ROOT_IMAGE, root), ("uki-a.efi", uki_a), ("uki-b.efi", uki_b)]);
+        files
+    }
+
+    /// A valid bundle of `release` with this root image and `UKI_A`, `UKI_B`,
+    /// signed by `key` (compact JSON manifest).
+    pub fn signed_bundle(key: &SigningKey, release: u64, root: &[u8]) -> Vec<u8> {
+        let m = manifest_for(release, root, UKI_A, UKI_B);
+        let mj = serde_json::to_vec(&m).expect("a manifest serializes");
+        let sig = sign(key, &mj);
+        tar(&members(&mj, Some(&sig), root, UKI_A, UKI_B))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{manifest_for, members, sign, tar};
+    use super::*;
+    use ed25519_dalek::SigningKey;
+
+    fn bundle(key: &SigningKey, root: &[u8], drop: Option<&str>, lie_size: bool) -> Vec<u8> {
+        let mut m = manifest_for(3, root, b"ua", b"ub");
+        m.root.size += u64::from(lie_size);
         let mj = serde_json::to_vec(&m).unwrap();
-        let sig = hex(&key.sign(&mj).to_bytes());
-        let files: Vec<(&str, &[u8])> = vec![
-            (MANIFEST, &mj),
-            (SIGNATURE, sig.as_bytes()),
-            (ROOT_IMAGE, root),
-            ("uki-a.efi", b"ua"),
-            ("uki-b.efi", b"ub"),
-        ];
-        let files: Vec<_> = files.into_iter().filter(|(n, _)| Some(*n) != drop).collect();
+        let sig = sign(key, &mj);
+        let mut files = members(&mj, Some(&sig), root, b"ua", b"ub");
+        files.retain(|(n, _)| Some(*n) != drop);
         tar(&files)
     }
 

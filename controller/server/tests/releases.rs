@@ -1,7 +1,7 @@
 //! Image releases end to end: a real controller (in-process, and the binary
-//! for the restart) over real TLS, bundles built and signed here (a tiny
-//! ustar writer, a key from a fixed seed), uploads, the rollout, the offer
-//! in the report answer and the agent's download over mTLS.
+//! for the restart) over real TLS, bundles built and signed here (the shared
+//! `release::testing` ustar writer, a key from a fixed seed), uploads, the
+//! rollout, the offer in the report answer and the agent's download over mTLS.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -17,9 +17,9 @@ use airlock_controller::{config::ControllerConfig, run::Started};
 use airlock_proto::{
     admin::{ApiError, ReleaseView, ReleasesOverview, RolloutProgress},
     agent::{EnrollResponse, Report},
-    release::{self as rel, FileRef, Manifest, ReleaseState, ReportResponse, RootRef},
+    release::{self as rel, ReleaseState, ReportResponse},
 };
-use ed25519_dalek::{Signer as _, SigningKey};
+use ed25519_dalek::SigningKey;
 use http_body_util::{BodyExt as _, Full};
 use hyper::{body::Bytes, Request};
 use rustls::{
@@ -40,27 +40,6 @@ fn pub_hex(k: &SigningKey) -> String {
     rel::hex(k.verifying_key().as_bytes())
 }
 
-/// A ustar archive of `files`.
-fn tar(files: &[(&str, &[u8])]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (name, data) in files {
-        let mut h = [0u8; 512];
-        h[..name.len()].copy_from_slice(name.as_bytes());
-        h[100..108].copy_from_slice(b"0000644\0");
-        h[124..136].copy_from_slice(format!("{:011o}\0", data.len()).as_bytes());
-        h[156] = b'0';
-        h[257..263].copy_from_slice(b"ustar\0");
-        h[148..156].copy_from_slice(b"        ");
-        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
-        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
-        out.extend_from_slice(&h);
-        out.extend_from_slice(data);
-        out.resize(out.len().div_ceil(512) * 512, 0);
-    }
-    out.resize(out.len() + 1024, 0);
-    out
-}
-
 #[derive(Clone, Copy, Default)]
 struct Defect {
     unsigned: bool,
@@ -69,33 +48,18 @@ struct Defect {
 
 /// A signed bundle of `release`; `fill` varies the root image's bytes.
 fn bundle(key: &SigningKey, release: u64, fill: u8, d: Defect) -> Vec<u8> {
+    use rel::testing::{manifest_for, members, sign, signed_bundle, tar, UKI_A, UKI_B};
     let root = vec![fill; 2 * 4096];
-    let (ua, ub) = (b"uki a".to_vec(), b"uki b".to_vec());
-    let f = |x: &[u8]| FileRef { size: x.len() as u64, sha256: rel::hex(&Sha256::digest(x)) };
-    let m = Manifest {
-        format: rel::FORMAT,
-        release,
-        image_version: format!("0.1.0+r{release}"),
-        root: RootRef {
-            size: root.len() as u64,
-            sha256: rel::hex(&Sha256::digest(&root)),
-            root_hash: "cd".repeat(32),
-            hash_offset: 4096,
-        },
-        ukis: [("uki-a.efi".to_owned(), f(&ua)), ("uki-b.efi".to_owned(), f(&ub))].into(),
-    };
-    let mj = serde_json::to_vec(&m).unwrap();
-    let sig = rel::hex(&key.sign(&mj).to_bytes());
+    if !d.unsigned && !d.tampered_root {
+        return signed_bundle(key, release, &root);
+    }
+    let mj = serde_json::to_vec(&manifest_for(release, &root, UKI_A, UKI_B)).unwrap();
+    let sig = sign(key, &mj);
     let mut root_in = root.clone();
     if d.tampered_root {
         root_in[5000] ^= 1; // same size: only the SHA-256 tells
     }
-    let mut files: Vec<(&str, &[u8])> = vec![(rel::MANIFEST, &mj)];
-    if !d.unsigned {
-        files.push((rel::SIGNATURE, sig.as_bytes()));
-    }
-    files.extend([(rel::ROOT_IMAGE, &root_in[..]), ("uki-a.efi", &ua[..]), ("uki-b.efi", &ub[..])]);
-    tar(&files)
+    tar(&members(&mj, (!d.unsigned).then_some(sig.as_str()), &root_in, UKI_A, UKI_B))
 }
 
 // ---- HTTPS ---------------------------------------------------------------------

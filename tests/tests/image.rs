@@ -866,12 +866,15 @@ mod update {
     /// report answer, downloads it over mTLS through its own boundary,
     /// verifies and writes slot b and reboots; the trial boot of slot b is
     /// healthy, systemd-bless-boot marks it good, and the controller sees
-    /// release 2 on slot b with the rollout done.
+    /// release 2 on slot b with the rollout done. Then release 3 (its agent
+    /// cannot become healthy) is rolled out: written to slot a, two failed
+    /// trial boots, back on release 2; the controller sees the failed trial
+    /// and offers release 3 no more. 7 boots.
     #[test]
     fn a_controller_rollout_updates_the_appliance_through_a_trial_boot() {
         let test_started = Instant::now();
         let image = image();
-        let (r2, _) = update_bundles(&image);
+        let (r2, r3) = update_bundles(&image);
         let scratch = Scratch::new("rollout");
         let disk = disk_copy(&image, &scratch.0);
         let key = image.parent().expect("the image's directory").join("image-signing.pub");
@@ -927,6 +930,49 @@ mod update {
         );
         assert!(vm.power_off().success());
         assert_eq!(esp_entries(&disk), ["airlock-1-a.efi", "airlock-2-b.efi"], "ESP entries");
+
+        // Release 3, whose agent cannot become healthy, rolled out the same
+        // way: written to slot a, two failed trial boots, back on release 2,
+        // and the controller stops offering it.
+        let (status, body) = api.upload_release(std::fs::read(&r3).expect("r3")).expect("upload");
+        assert!(matches!(status, 200 | 201), "upload refused: {status} {body}");
+        api.start_rollout(3).expect("starting the rollout of release 3");
+        let mut vm = Vm::boot_in(&disk, &scratch.0, None, Some(ctl.netns()));
+        vm.wait_exit("the reboot after installing release 3");
+        assert!(
+            vm.lines().iter().any(|l| l.contains("installed the trial entry airlock-3-a+")),
+            "the VM rebooted without installing release 3:\n{}",
+            vm.tail()
+        );
+        assert_eq!(esp_entries(&disk), ["airlock-2-b.efi", "airlock-3-a+2.efi"], "ESP entries");
+        for try_no in 1..=2 {
+            let mut vm = Vm::boot_in(&disk, &scratch.0, None, Some(ctl.netns()));
+            vm.wait_exit("the reboot after a failed trial");
+            assert!(
+                said(&vm.lines(), "airlock-boot-check: FAILED: trial boot of slot a (release 3)"),
+                "trial {try_no} of release 3 did not fail its boot check:\n{}",
+                vm.tail()
+            );
+        }
+        assert_eq!(esp_entries(&disk), ["airlock-2-b.efi", "airlock-3-a+0-2.efi"], "ESP entries");
+        let mut vm = Vm::boot_in(&disk, &scratch.0, None, Some(ctl.netns()));
+        let img = wait_image(&mut api, &vm, "release 3's failed trial", |i| {
+            i.release == 2 && i.slot == "b" && i.failed_trials.contains(&3)
+        });
+        let o = api.releases().expect("the releases");
+        let me = o.appliances.iter().find(|a| a.appliance == VM_APPLIANCE).expect("appliance");
+        assert_eq!(me.progress, airlock_testbed::RolloutProgress::FailedTrial, "{me:?}");
+        // Two more report intervals: no offer, so no second download.
+        thread::sleep(Duration::from_secs(25));
+        assert!(
+            !said(&vm.lines(), "downloading"),
+            "release 3 was downloaded again after its failed trial:\n{}",
+            vm.tail()
+        );
+        eprintln!(
+            "rollout: release 3 failed its two trials; back on release 2 ({img:?}), not offered again"
+        );
+        assert!(vm.power_off().success());
         eprintln!("rollout test: {:.0} s", test_started.elapsed().as_secs_f64());
     }
 }

@@ -108,7 +108,10 @@ impl ControllerOptions {
             api_addr: main,
             ready_timeout: CONTROLLER_READY_TIMEOUT,
             die_with_parent: true,
-            update_key: None,
+            // Releases can be uploaded in the lab once `cargo xtask image` has
+            // made its signing key.
+            update_key: Some(crate::host::target_dir().join("image/image-signing.pub"))
+                .filter(|k| k.is_file()),
         }
     }
 }

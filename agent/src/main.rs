@@ -401,7 +401,7 @@ fn update(cmd: UpdateCommand) -> Result<(), Failure> {
             match update::apply(
                 &bundle,
                 &system.system(),
-                ApplyOptions { tries, retry },
+                ApplyOptions { tries, retry, expect_release: None },
                 &mut progress,
             ) {
                 Ok(done) => {

@@ -118,6 +118,10 @@ pub enum UpdateError {
     ReadBack { slot: Slot, expected: String, actual: String },
     #[error("cannot tell the running system: {0}")]
     Running(String),
+    #[error("the bundle is release {bundle}, but release {expected} was offered")]
+    NotTheOffered { expected: u64, bundle: u64 },
+    #[error("another update is writing slot {0} now")]
+    Busy(Slot),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> UpdateError {
@@ -448,6 +452,9 @@ pub struct ApplyOptions {
     pub tries: u32,
     /// Try a release again whose trial already failed here.
     pub retry: bool,
+    /// The release the bundle must carry (the controller's offer): another
+    /// one is refused before anything is written.
+    pub expect_release: Option<u64>,
 }
 
 fn sync_dir(dir: &Path) -> Result<(), UpdateError> {
@@ -471,6 +478,9 @@ pub fn apply(
             e => UpdateError::Bundle(e),
         })?;
     progress(&format!("signature ok: release {} ({})", m.release, m.image_version));
+    if let Some(expected) = opts.expect_release.filter(|r| *r != m.release) {
+        return Err(UpdateError::NotTheOffered { expected, bundle: m.release });
+    }
     let cmdline = fs::read_to_string(&sys.cmdline)
         .map_err(io(format!("reading {}", sys.cmdline.display())))?;
     let release = fs::read_to_string(&sys.release_file)
@@ -483,6 +493,11 @@ pub fn apply(
         .write(true)
         .open(&target_dev)
         .map_err(io(format!("opening {}", target_dev.display())))?;
+    // One writer per slot: the controller's updater, update media and a
+    // technician's `update apply` may otherwise race on the same slot.
+    if !try_lock(&dev) {
+        return Err(UpdateError::Busy(running.slot.other()));
+    }
     let capacity = dev.seek(SeekFrom::End(0)).map_err(io("sizing the target partition"))?;
     let plan = plan(&m, running, &entries, capacity, opts.tries, opts.retry)?;
     let uki_name = plan.target.uki_file();
@@ -562,6 +577,14 @@ pub fn apply(
         image_version: m.image_version,
         entry: name,
     })
+}
+
+/// Takes an exclusive advisory lock on the target slot's device, held until
+/// it is closed; false when another process holds it.
+fn try_lock(f: &fs::File) -> bool {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: a valid fd; flock has no memory effects.
+    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
 }
 
 /// Drops the written range from the page cache so the read-back reads the disk.
@@ -668,7 +691,12 @@ pub(crate) mod tests {
         }
 
         pub(crate) fn apply(&self, bundle: &Path) -> Result<Applied, UpdateError> {
-            apply(bundle, &self.sys, ApplyOptions { tries: 3, retry: false }, &mut |_| {})
+            apply(
+                bundle,
+                &self.sys,
+                ApplyOptions { tries: 3, retry: false, expect_release: None },
+                &mut |_| {},
+            )
         }
 
         /// Slot b's bytes and the ESP listing: what a refusal must leave alone.
@@ -691,9 +719,12 @@ pub(crate) mod tests {
         let fx = Fixture::new("ok");
         let b = fx.bundle(&fx.manifest(2), Some(&fx.key), &fx.root.clone());
         let mut lines = Vec::new();
-        let done = apply(&b, &fx.sys, ApplyOptions { tries: 2, retry: false }, &mut |l| {
-            lines.push(l.to_owned())
-        })
+        let done = apply(
+            &b,
+            &fx.sys,
+            ApplyOptions { tries: 2, retry: false, expect_release: None },
+            &mut |l| lines.push(l.to_owned()),
+        )
         .unwrap();
         assert_eq!(done.slot, Slot::B);
         assert_eq!(done.entry, "airlock-2-b+2.efi");
@@ -772,6 +803,26 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn another_release_than_offered_or_a_busy_slot_is_refused_before_writing() {
+        let fx = Fixture::new("offered");
+        let before = fx.snapshot();
+        let b = fx.bundle(&fx.manifest(2), Some(&fx.key), &fx.root);
+        let opts = |expect| ApplyOptions { tries: 2, retry: false, expect_release: expect };
+        let e = apply(&b, &fx.sys, opts(Some(3)), &mut |_| {}).unwrap_err();
+        assert!(matches!(e, UpdateError::NotTheOffered { expected: 3, bundle: 2 }), "{e}");
+        assert_eq!(fx.snapshot(), before);
+        // Another writer holds slot b.
+        let other = fs::File::open(fx.sys.partitions.join("airlock-root-b")).unwrap();
+        assert!(try_lock(&other));
+        let e = apply(&b, &fx.sys, opts(Some(2)), &mut |_| {}).unwrap_err();
+        assert!(matches!(e, UpdateError::Busy(Slot::B)), "{e}");
+        assert_eq!(fx.snapshot(), before);
+        drop(other);
+        let done = apply(&b, &fx.sys, opts(Some(2)), &mut |_| {}).unwrap();
+        assert_eq!(done.release, 2);
+    }
+
+    #[test]
     fn a_tampered_uki_is_refused() {
         let mut fx = Fixture::new("uki");
         let m = fx.manifest(2);
@@ -811,7 +862,13 @@ pub(crate) mod tests {
             e.contains("already failed its trial boots") && e.contains("airlock-2-b+0-3.efi"),
             "{e}"
         );
-        let done = apply(&b, &fx.sys, ApplyOptions { tries: 1, retry: true }, &mut |_| {}).unwrap();
+        let done = apply(
+            &b,
+            &fx.sys,
+            ApplyOptions { tries: 1, retry: true, expect_release: None },
+            &mut |_| {},
+        )
+        .unwrap();
         assert_eq!(done.entry, "airlock-2-b+1.efi");
         assert_eq!(
             list_entries(&fx.sys.uki_dir).unwrap(),

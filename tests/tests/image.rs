@@ -84,11 +84,13 @@ struct Vm {
 }
 
 impl Vm {
+    #[cfg(feature = "image-update")]
     fn boot(disk: &Path, scratch: &Path) -> Vm {
         Vm::boot_with(disk, scratch, None)
     }
 
     /// Boots with an optional second disk (update media).
+    #[cfg(feature = "image-update")]
     fn boot_with(disk: &Path, scratch: &Path, media: Option<&Path>) -> Vm {
         Vm::boot_in(disk, scratch, media, None)
     }

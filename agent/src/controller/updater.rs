@@ -264,6 +264,10 @@ pub enum UpdaterError {
     /// A blocking task died.
     #[error("{0} did not finish")]
     Task(&'static str),
+    /// The controller stopped offering this bundle while it downloaded; it
+    /// was deleted without being installed.
+    #[error("the offer was withdrawn during the download; nothing was installed")]
+    Withdrawn,
     /// The reboot command failed.
     #[error("the reboot command {command:?} failed: {why}; the update boots at the next restart")]
     Reboot {
@@ -508,6 +512,9 @@ struct Retry {
 /// The updater task's state.
 struct Updater {
     shared: Arc<Shared>,
+    /// The newest offer (what the last report answer said), looked at again
+    /// before installing and before rebooting: a stopped rollout stops there.
+    offers: watch::Receiver<Option<UpdateOffer>>,
     settings: Settings,
     status: watch::Sender<UpdaterStatus>,
     failed: Failures,
@@ -530,6 +537,14 @@ impl Updater {
             log(&text);
             self.last_note = Some(text);
         }
+    }
+
+    /// Whether the newest report answer still offers exactly this bundle.
+    fn still_offered(&self, offer: &UpdateOffer) -> bool {
+        self.offers
+            .borrow()
+            .as_ref()
+            .is_some_and(|o| o.release == offer.release && o.sha256 == offer.sha256)
     }
 
     fn fail(&self, release: u64, reason: String) {
@@ -596,6 +611,8 @@ impl Updater {
                 });
                 if self.settings.reboot_command.is_empty() {
                     info!("no reboot command configured: the update boots at the next restart");
+                } else if !self.still_offered(offer) {
+                    info!("the offer was withdrawn after the install: not rebooting; the update boots at the next restart");
                 } else if let Err(e) =
                     reboot(&self.settings.reboot_command, self.settings.reboot_grace).await
                 {
@@ -628,13 +645,21 @@ impl Updater {
     async fn download_and_apply(&self, offer: &UpdateOffer) -> Result<Applied, UpdaterError> {
         let dir = &self.settings.download_dir;
         let bundle = download(&self.shared, offer, dir, self.settings.stall_limit).await?;
+        if !self.still_offered(offer) {
+            if let Err(e) = fs::remove_file(&bundle) {
+                warn!(file = %bundle.display(), error = %e, "cannot remove the withdrawn bundle");
+            }
+            return Err(UpdaterError::Withdrawn);
+        }
         info!(file = %bundle.display(), "download complete and matches the offer; applying");
         let (sys, tries, path) =
             (self.settings.system.clone(), self.settings.tries, bundle.clone());
+        let release = offer.release;
         let span = tracing::Span::current();
         let applied = tokio::task::spawn_blocking(move || {
             let _e = span.enter();
-            update::apply(&path, &sys, ApplyOptions { tries, retry: false }, &mut |l| {
+            let opts = ApplyOptions { tries, retry: false, expect_release: Some(release) };
+            update::apply(&path, &sys, opts, &mut |l| {
                 info!("{l}");
             })
         })
@@ -654,8 +679,15 @@ pub async fn updater_task(
     mut offers: watch::Receiver<Option<UpdateOffer>>,
     status: watch::Sender<UpdaterStatus>,
 ) {
-    let mut u =
-        Updater { shared, settings, status, failed: Failures::new(), retry: None, last_note: None };
+    let mut u = Updater {
+        shared,
+        offers: offers.clone(),
+        settings,
+        status,
+        failed: Failures::new(),
+        retry: None,
+        last_note: None,
+    };
     loop {
         // Only a retry still ahead arms the timer: one that is due waits for
         // the next offer (an offer ignored meanwhile must not spin this loop).

@@ -31,6 +31,9 @@ pub const ROOT_IMAGE: &str = "root.img";
 pub const UKI_FILES: [&str; 2] = ["uki-a.efi", "uki-b.efi"];
 /// The largest manifest read.
 pub const MAX_MANIFEST: u64 = 64 * 1024;
+/// Members read at most: a bundle has five (the limit bounds the index
+/// built before the signature is checked).
+pub const MAX_MEMBERS: usize = 16;
 /// The largest UKI accepted.
 pub const MAX_UKI: u64 = 256 * 1024 * 1024;
 
@@ -175,6 +178,7 @@ pub fn tar_index(r: &mut (impl Read + Seek)) -> Result<BTreeMap<String, Member>,
     let mut out = BTreeMap::new();
     let mut at = 0u64;
     let not = |what: &str| ReleaseError::NotABundle(what.to_owned());
+    let mut headers = 0usize;
     loop {
         let mut h = [0u8; 512];
         r.seek(SeekFrom::Start(at)).map_err(io("reading the bundle"))?;
@@ -188,6 +192,10 @@ pub fn tar_index(r: &mut (impl Read + Seek)) -> Result<BTreeMap<String, Member>,
         }
         if h.iter().all(|&b| b == 0) {
             break;
+        }
+        headers += 1;
+        if headers > MAX_MEMBERS {
+            return Err(not("more members than a bundle has"));
         }
         let sum = octal(&h[148..156]).ok_or_else(|| not("bad tar header checksum field"))?;
         let calc: u64 = h
@@ -461,6 +469,10 @@ mod tests {
         assert!(e.to_string().contains("uki-b.efi is named by the manifest but missing"), "{e}");
         let e = open(bundle(&key, &root, None, true), &pk).unwrap_err();
         assert!(e.to_string().contains("root.img is 8192 bytes"), "{e}");
+        let many: Vec<(String, Vec<u8>)> = (0..20).map(|i| (format!("f{i}"), vec![0u8])).collect();
+        let many: Vec<(&str, &[u8])> = many.iter().map(|(n, d)| (n.as_str(), &d[..])).collect();
+        let e = open(testing::tar(&many), &pk).unwrap_err();
+        assert!(e.to_string().contains("more members than a bundle has"), "{e}");
         let e = open(b"not a tar at all".to_vec(), &pk).unwrap_err();
         assert!(matches!(e, ReleaseError::NotABundle(_)), "{e}");
         let e = open(bundle(&key, &root, None, false), "12").unwrap_err();

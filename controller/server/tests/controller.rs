@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::{
     net::SocketAddr,
     process::{Command, Stdio},
@@ -17,14 +19,11 @@ use airlock_proto::{
     agent::{EnrollResponse, StreamMessage},
     SignedBundle,
 };
+use common::{bootstrap_password, client, key_and_csr, pem_to_der, Binary};
 use http_body_util::{BodyExt as _, Full};
 use hyper::{body::Bytes, Request};
-use rustls::{
-    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName},
-    ClientConfig, RootCertStore,
-};
+use rustls::ClientConfig;
 use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
 
 struct Ctl {
     _dir: tempfile::TempDir,
@@ -35,15 +34,10 @@ struct Ctl {
 async fn start() -> Ctl {
     let dir = tempfile::tempdir().unwrap();
     let cfg = ControllerConfig {
-        data_dir: dir.path().into(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        agent_listen: "127.0.0.1:0".parse().unwrap(),
         http_redirect_listen: Some("127.0.0.1:0".parse().unwrap()),
-        ..ControllerConfig::default()
+        ..common::config(dir.path().into())
     };
-    let kms = airlock_kms::open(&cfg.kms(), None).unwrap();
-    let store = airlock_store::Store::open(&dir.path().join("store"), kms).unwrap();
-    let started = airlock_controller::run::start(cfg, store).await.unwrap();
+    let started = common::start(cfg).await;
     let pw = started.bootstrap.clone().expect("first start prints a bootstrap credential");
     let mut c = Ctl { _dir: dir, started, token: String::new() };
     let (s, body) = c
@@ -60,39 +54,6 @@ async fn start() -> Ctl {
     c
 }
 
-fn ca_roots(ca_pem: &str) -> RootCertStore {
-    let mut roots = RootCertStore::empty();
-    let der = pem_to_der(ca_pem);
-    roots.add(CertificateDer::from(der)).unwrap();
-    roots
-}
-
-fn pem_to_der(pem: &str) -> Vec<u8> {
-    use base64::Engine as _;
-    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
-    base64::engine::general_purpose::STANDARD.decode(b64).unwrap()
-}
-
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-fn client(ca_pem: &str, identity: Option<(&str, &rcgen::KeyPair)>) -> ClientConfig {
-    let b = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(ca_roots(ca_pem));
-    match identity {
-        Some((cert_pem, key)) => b
-            .with_client_auth_cert(
-                vec![CertificateDer::from(pem_to_der(cert_pem))],
-                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-            )
-            .unwrap(),
-        None => b.with_no_client_auth(),
-    }
-}
-
 /// One HTTP/1.1 request over a fresh TLS connection; `Err` when the TLS
 /// handshake or the exchange fails.
 async fn request(
@@ -103,25 +64,8 @@ async fn request(
     body: Option<&str>,
     bearer: Option<&str>,
 ) -> Result<(u16, hyper::body::Incoming), String> {
-    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    let conn = TlsConnector::from(Arc::new(tls));
-    let tls = conn
-        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
-    let (mut send, c) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(c);
-    let mut req = Request::builder().method(method).uri(path).header("host", "127.0.0.1");
-    if let Some(t) = bearer {
-        req = req.header("authorization", format!("Bearer {t}"));
-    }
-    if body.is_some() {
-        req = req.header("content-type", "application/json");
-    }
-    let req = req.body(Full::new(Bytes::from(body.unwrap_or("").to_owned()))).unwrap();
-    let resp = send.send_request(req).await.map_err(|e| format!("request: {e}"))?;
+    let body = body.map(|b| ("application/json", b.as_bytes().to_vec()));
+    let resp = common::send(addr, tls, method, path, body, bearer).await?;
     Ok((resp.status().as_u16(), resp.into_body()))
 }
 
@@ -157,13 +101,7 @@ impl Ctl {
     }
 
     async fn enroll(&self, token: &str) -> (u16, String, rcgen::KeyPair) {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let csr = rcgen::CertificateParams::new(vec![])
-            .unwrap()
-            .serialize_request(&key)
-            .unwrap()
-            .pem()
-            .unwrap();
+        let (key, csr) = key_and_csr();
         let body = serde_json::json!({"token": token, "csr_pem": csr, "agent_version": "test"})
             .to_string();
         let (s, b) = self.call("POST", "/api/v1/enroll", Some(&body), false).await;
@@ -172,10 +110,7 @@ impl Ctl {
 }
 
 fn lab_policy() -> String {
-    let text =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../policies/lab.toml"))
-            .unwrap();
-    serde_json::json!({"text": text, "comment": "test"}).to_string()
+    serde_json::json!({"text": common::lab_policy_text(), "comment": "test"}).to_string()
 }
 
 async fn next_message(body: &mut hyper::body::Incoming, buf: &mut Vec<u8>) -> StreamMessage {
@@ -284,14 +219,7 @@ async fn the_agent_listener_refuses_no_foreign_and_revoked_certificates() {
     let ok = request(agent, mine.clone(), "GET", "/agent/v1/stream", None, None).await;
     assert_eq!(ok.map(|r| r.0), Ok(200));
     // A keep-alive connection opened before the revocation.
-    let tcp = TcpStream::connect(agent).await.unwrap();
-    let tls = TlsConnector::from(Arc::new(mine.clone()))
-        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
-        .await
-        .unwrap();
-    let (mut kept, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
-    tokio::spawn(conn);
+    let mut kept = common::connect(agent, mine.clone()).await.unwrap();
     let report = || {
         let body = serde_json::to_vec(&airlock_proto::agent::Report::default()).unwrap();
         Request::builder()
@@ -420,45 +348,12 @@ async fn the_api_needs_a_session_and_tls_below_1_2_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_writes_loses_no_acknowledged_write() {
-    use std::io::{BufRead as _, BufReader};
     let dir = tempfile::tempdir().unwrap();
-    let ready = dir.path().join("ready");
-    let spawn = || {
-        let _ = std::fs::remove_file(&ready);
-        Command::new(env!("CARGO_BIN_EXE_airlock-controller"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--agent-listen", "127.0.0.1:0"])
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .arg("--ready-file")
-            .arg(&ready)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    };
-    // Port 0: the URL (and so the port) comes from the ready file.
-    let wait_ready = || {
-        for _ in 0..300 {
-            if let Ok(t) = std::fs::read_to_string(&ready) {
-                let url = t.lines().find_map(|l| l.strip_prefix("url=")).unwrap().to_owned();
-                return url.trim_start_matches("https://").parse::<SocketAddr>().unwrap();
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("controller did not start");
-    };
-    let mut child = spawn();
-    let addr = wait_ready();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut password = None;
-    let mut line = String::new();
-    while password.is_none() && out.read_line(&mut line).unwrap() > 0 {
-        password = line.split("password ").nth(1).map(|p| p.trim().to_owned());
-        line.clear();
-    }
-    let password = password.expect("bootstrap credential printed");
-    let ca_pem = std::fs::read_to_string(dir.path().join("data/ca.pem")).unwrap();
+    let bin = Binary::new(dir.path(), None);
+    let mut child = bin.spawn();
+    let (addr, _) = bin.wait_ready();
+    let password = bootstrap_password(&mut child);
+    let ca_pem = bin.ca_pem();
     let login = |addr: SocketAddr, ca: String, password: String| async move {
         let body = format!(r#"{{"user":"admin","password":"{password}"}}"#);
         let (s, b) = request(addr, client(&ca, None), "POST", "/api/v1/login", Some(&body), None)
@@ -507,8 +402,8 @@ async fn sigkill_during_writes_loses_no_acknowledged_write() {
     assert!(acked.len() >= 10, "the writers made progress ({})", acked.len());
     eprintln!("acknowledged writes before SIGKILL: {}", acked.len());
 
-    let mut child = spawn();
-    let addr = wait_ready();
+    let mut child = bin.spawn();
+    let (addr, _) = bin.wait_ready();
     let token = login(addr, ca_pem.clone(), password).await;
     let (s, b) =
         request(addr, client(&ca_pem, None), "GET", "/api/v1/appliances", None, Some(&token))

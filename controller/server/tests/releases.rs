@@ -5,13 +5,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::{
-    net::SocketAddr,
-    path::Path,
-    process::{Command, Stdio},
-    sync::Arc,
-    time::Duration,
-};
+mod common;
+
+use std::{net::SocketAddr, path::Path};
 
 use airlock_controller::{config::ControllerConfig, run::Started};
 use airlock_proto::{
@@ -19,16 +15,10 @@ use airlock_proto::{
     agent::{EnrollResponse, Report},
     release::{self as rel, ReleaseState, ReportResponse},
 };
+use common::{bootstrap_password, client, key_and_csr, request, Binary, Resp};
 use ed25519_dalek::SigningKey;
-use http_body_util::{BodyExt as _, Full};
-use hyper::{body::Bytes, Request};
-use rustls::{
-    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName},
-    ClientConfig, RootCertStore,
-};
+use rustls::ClientConfig;
 use sha2::{Digest as _, Sha256};
-use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
 
 // ---- bundles ------------------------------------------------------------------
 
@@ -63,79 +53,6 @@ fn bundle(key: &SigningKey, release: u64, fill: u8, d: Defect) -> Vec<u8> {
 }
 
 // ---- HTTPS ---------------------------------------------------------------------
-
-fn pem_to_der(pem: &str) -> Vec<u8> {
-    use base64::Engine as _;
-    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
-    base64::engine::general_purpose::STANDARD.decode(b64).unwrap()
-}
-
-fn client(ca_pem: &str, identity: Option<(&str, &rcgen::KeyPair)>) -> ClientConfig {
-    let mut roots = RootCertStore::empty();
-    roots.add(CertificateDer::from(pem_to_der(ca_pem))).unwrap();
-    let b = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots);
-    match identity {
-        Some((cert_pem, key)) => b
-            .with_client_auth_cert(
-                vec![CertificateDer::from(pem_to_der(cert_pem))],
-                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-            )
-            .unwrap(),
-        None => b.with_no_client_auth(),
-    }
-}
-
-struct Resp {
-    status: u16,
-    headers: hyper::HeaderMap,
-    body: Vec<u8>,
-}
-
-impl Resp {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-    fn json<T: serde::de::DeserializeOwned>(&self) -> T {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.text()))
-    }
-}
-
-async fn request(
-    addr: SocketAddr,
-    tls: ClientConfig,
-    method: &str,
-    path: &str,
-    body: Option<(&str, Vec<u8>)>,
-    bearer: Option<&str>,
-) -> Resp {
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let tls = TlsConnector::from(Arc::new(tls))
-        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
-        .await
-        .unwrap();
-    let (mut send, c) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
-    tokio::spawn(c);
-    let mut req = Request::builder().method(method).uri(path).header("host", "127.0.0.1");
-    if let Some(t) = bearer {
-        req = req.header("authorization", format!("Bearer {t}"));
-    }
-    let bytes = match body {
-        Some((ct, b)) => {
-            req = req.header("content-type", ct);
-            b
-        }
-        None => Vec::new(),
-    };
-    let resp = send.send_request(req.body(Full::new(Bytes::from(bytes))).unwrap()).await.unwrap();
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let body = resp.into_body().collect().await.unwrap().to_bytes().to_vec();
-    Resp { status, headers, body }
-}
 
 fn json_body<T: serde::Serialize>(v: &T) -> Option<(&'static str, Vec<u8>)> {
     Some(("application/json", serde_json::to_vec(v).unwrap()))
@@ -183,13 +100,7 @@ impl Api {
             .await;
         assert_eq!(r.status, 201, "{}", r.text());
         let token = r.json::<serde_json::Value>()["token"].as_str().unwrap().to_owned();
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let csr = rcgen::CertificateParams::new(vec![])
-            .unwrap()
-            .serialize_request(&key)
-            .unwrap()
-            .pem()
-            .unwrap();
+        let (key, csr) = key_and_csr();
         let body =
             json_body(&serde_json::json!({"token": token, "csr_pem": csr, "agent_version": "t"}));
         let r =
@@ -238,16 +149,10 @@ struct InProcess {
 async fn start(update_key: bool) -> InProcess {
     let dir = tempfile::tempdir().unwrap();
     let cfg = ControllerConfig {
-        data_dir: dir.path().join("data"),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        agent_listen: "127.0.0.1:0".parse().unwrap(),
         update_key: update_key.then(|| write_key(dir.path(), &key())),
-        ..ControllerConfig::default()
+        ..common::config(dir.path().join("data"))
     };
-    std::fs::create_dir_all(&cfg.data_dir).unwrap();
-    let kms = airlock_kms::open(&cfg.kms(), None).unwrap();
-    let store = airlock_store::Store::open(&cfg.data_dir.join("store"), kms).unwrap();
-    let started = airlock_controller::run::start(cfg, store).await.unwrap();
+    let started = common::start(cfg).await;
     let pw = started.bootstrap.clone().unwrap();
     let ca = started.state.ca.cert_pem().to_owned();
     let api = Api::login(started.main_addr, started.agent_addr, ca, "admin", &pw).await;
@@ -426,52 +331,15 @@ async fn the_rollout_offers_the_release_in_report_answers_and_serves_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn releases_and_the_rollout_survive_a_restart() {
-    use std::io::{BufRead as _, BufReader};
     let dir = tempfile::tempdir().unwrap();
-    let ready = dir.path().join("ready");
     let cfg = dir.path().join("controller.toml");
     let keyfile = write_key(dir.path(), &key());
     std::fs::write(&cfg, format!("update_key = {:?}\n", keyfile.display().to_string())).unwrap();
-    let spawn = || {
-        let _ = std::fs::remove_file(&ready);
-        Command::new(env!("CARGO_BIN_EXE_airlock-controller"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--agent-listen", "127.0.0.1:0"])
-            .arg("--config")
-            .arg(&cfg)
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .arg("--ready-file")
-            .arg(&ready)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    };
-    let wait_ready = || {
-        for _ in 0..300 {
-            if let Ok(t) = std::fs::read_to_string(&ready) {
-                let url = |k: &str| {
-                    let u = t.lines().find_map(|l| l.strip_prefix(k)).unwrap();
-                    u.trim_start_matches("https://").parse::<SocketAddr>().unwrap()
-                };
-                return (url("url="), url("agent_url="));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("controller did not start");
-    };
-    let mut child = spawn();
-    let (main, agent) = wait_ready();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut password = None;
-    let mut line = String::new();
-    while password.is_none() && out.read_line(&mut line).unwrap() > 0 {
-        password = line.split("password ").nth(1).map(|p| p.trim().to_owned());
-        line.clear();
-    }
-    let password = password.unwrap();
-    let ca = std::fs::read_to_string(dir.path().join("data/ca.pem")).unwrap();
+    let bin = Binary::new(dir.path(), Some(cfg));
+    let mut child = bin.spawn();
+    let (main, agent) = bin.wait_ready();
+    let password = bootstrap_password(&mut child);
+    let ca = bin.ca_pem();
     let api = Api::login(main, agent, ca.clone(), "admin", &password).await;
     let good = bundle(&key(), 3, 5, Defect::default());
     assert_eq!(api.upload(good.clone()).await.status, 201);
@@ -484,8 +352,8 @@ async fn releases_and_the_rollout_survive_a_restart() {
     child.kill().unwrap(); // SIGKILL: acknowledged writes must be on disk
     child.wait().unwrap();
 
-    let mut child = spawn();
-    let (main, agent) = wait_ready();
+    let mut child = bin.spawn();
+    let (main, agent) = bin.wait_ready();
     let api = Api::login(main, agent, ca, "admin", &password).await;
     let after = api.overview().await;
     assert_eq!(after.releases, before.releases);

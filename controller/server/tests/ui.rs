@@ -5,11 +5,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use axum::{body::Body, http::Request};
 use http_body_util::BodyExt as _;
 use tower::ServiceExt as _;
 
-use airlock_controller::{config::ControllerConfig, run::Started};
+use airlock_controller::run::Started;
 
 struct Ui {
     _dir: tempfile::TempDir,
@@ -56,15 +58,7 @@ fn csrf_of(page: &str) -> String {
 impl Ui {
     async fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = ControllerConfig {
-            data_dir: dir.path().into(),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            agent_listen: "127.0.0.1:0".parse().unwrap(),
-            ..ControllerConfig::default()
-        };
-        let kms = airlock_kms::open(&cfg.kms(), None).unwrap();
-        let store = airlock_store::Store::open(&dir.path().join("store"), kms).unwrap();
-        let started = airlock_controller::run::start(cfg, store).await.unwrap();
+        let started = common::start(common::config(dir.path().into())).await;
         let pw = started.bootstrap.clone().unwrap();
         let mut ui = Ui { _dir: dir, started, cookie: String::new(), csrf: String::new() };
         let r =
@@ -106,8 +100,7 @@ impl Ui {
 }
 
 fn lab_policy() -> String {
-    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../policies/lab.toml"))
-        .unwrap()
+    common::lab_policy_text()
 }
 
 #[tokio::test]
@@ -335,13 +328,7 @@ async fn image_state_shows_on_the_appliance_page_the_updates_page_and_as_alarms(
     let st = &ui.started.state;
     let now = st.now();
     let (token, _) = st.appliances.create("ward-5", None, now).unwrap();
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let csr = rcgen::CertificateParams::new(vec![])
-        .unwrap()
-        .serialize_request(&key)
-        .unwrap()
-        .pem()
-        .unwrap();
+    let (_key, csr) = common::key_and_csr();
     st.appliances.enroll(&st.ca, &st.registry, &token, &csr, now).unwrap();
     let report = Report {
         health: Health { enforcing: true, ..Health::default() },

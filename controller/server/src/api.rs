@@ -123,6 +123,14 @@ impl From<ReleaseStoreError> for ApiErr {
             E::UnknownAppliances(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unknown_appliance"),
             E::EmptyList => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_rollout"),
             E::Upload(_) => (StatusCode::BAD_REQUEST, "upload_broken"),
+            E::Busy => (StatusCode::CONFLICT, "upload_in_progress"),
+            E::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull => {
+                return Self::new(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    "disk_full",
+                    "the controller's disk is full: the upload was discarded".to_owned(),
+                )
+            }
             E::Io { .. } | E::Store(_) | E::Corrupt(_) => {
                 return Self::internal("release operation failed", &e)
             }
@@ -655,8 +663,9 @@ async fn list_releases(State(st): St, c: Caller) -> Result<Json<ReleasesOverview
         description = "The signed update bundle (ustar) as `cargo xtask image update-bundle` writes it; at most 1 GiB."),
     responses((status = 201, body = ReleaseView, description = "stored"),
         (status = 200, body = ReleaseView, description = "the same bundle was already stored"),
-        (status = 409, body = ApiError, description = "no update key configured, or the release exists with other contents"),
-        (status = 413, body = ApiError), (status = 422, body = ApiError, description = "the bundle does not verify; nothing was stored")))]
+        (status = 409, body = ApiError, description = "no update key configured, the release exists with other contents, or another upload is in progress"),
+        (status = 413, body = ApiError), (status = 422, body = ApiError, description = "the bundle does not verify; nothing was stored"),
+        (status = 507, body = ApiError, description = "the controller's disk is full; the upload was discarded")))]
 async fn upload_release(
     State(st): St,
     c: Caller,

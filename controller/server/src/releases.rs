@@ -23,7 +23,10 @@ use std::{
     fs::File,
     io::{Read, Seek, SeekFrom},
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
 };
 
 use serde::{Deserialize, Serialize};
@@ -190,6 +193,10 @@ pub enum ReleaseStoreError {
     /// The upload stalled or broke off.
     #[error("the upload broke off: {0}")]
     Upload(String),
+    /// Another upload is being received (one at a time bounds the disk
+    /// space uploads take to one bundle).
+    #[error("another release upload is in progress; try again when it has finished")]
+    Busy,
     /// File system.
     #[error("{what}")]
     Io {
@@ -234,6 +241,26 @@ pub struct Upload {
     file: Option<File>,
     hash: Sha256,
     size: u64,
+    _slot: UploadSlot,
+}
+
+/// The one upload allowed at a time; released on drop.
+#[derive(Debug)]
+struct UploadSlot(Arc<AtomicBool>);
+
+impl UploadSlot {
+    /// The slot, or `None` while another upload holds it.
+    fn take(flag: &Arc<AtomicBool>) -> Option<UploadSlot> {
+        flag.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .ok()
+            .map(|_| UploadSlot(Arc::clone(flag)))
+    }
+}
+
+impl Drop for UploadSlot {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 impl Upload {
@@ -274,6 +301,8 @@ pub struct Releases {
     cache: Mutex<Cache>,
     /// Serializes the commit of uploads (check, rename, record).
     commit: Mutex<()>,
+    /// Set while an upload is received.
+    uploading: Arc<AtomicBool>,
 }
 
 fn be(v: u64) -> [u8; 8] {
@@ -308,7 +337,14 @@ impl Releases {
             Some(raw) => Some(serde_json::from_slice(&raw).map_err(ReleaseStoreError::Corrupt)?),
             None => None,
         };
-        Ok(Self { store, dir, key, cache: Mutex::new(cache), commit: Mutex::new(()) })
+        Ok(Self {
+            store,
+            dir,
+            key,
+            cache: Mutex::new(cache),
+            commit: Mutex::new(()),
+            uploading: Arc::new(AtomicBool::new(false)),
+        })
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
@@ -358,6 +394,7 @@ impl Releases {
         if self.key.is_none() {
             return Err(ReleaseStoreError::NoKey);
         }
+        let slot = UploadSlot::take(&self.uploading).ok_or(ReleaseStoreError::Busy)?;
         let mut r = [0u8; 8];
         getrandom::fill(&mut r).map_err(|e| ReleaseStoreError::Io {
             what: "random temp name".into(),
@@ -370,7 +407,7 @@ impl Releases {
             .create_new(true)
             .open(&path)
             .map_err(io_err(format!("creating {}", path.display())))?;
-        Ok(Upload { path, file: Some(file), hash: Sha256::new(), size: 0 })
+        Ok(Upload { path, file: Some(file), hash: Sha256::new(), size: 0, _slot: slot })
     }
 
     /// Finishes an upload (blocking: fsync, verification, hashing): checks
@@ -533,6 +570,15 @@ mod tests {
             uploaded_by: "admin".into(),
             uploaded_at: 1,
         }
+    }
+
+    #[test]
+    fn one_upload_at_a_time() {
+        let flag = Arc::new(AtomicBool::new(false));
+        let first = UploadSlot::take(&flag).expect("free");
+        assert!(UploadSlot::take(&flag).is_none(), "a second upload while one runs");
+        drop(first);
+        assert!(UploadSlot::take(&flag).is_some(), "free again once the first ended");
     }
 
     #[test]

@@ -646,7 +646,7 @@ pub(crate) fn releases_overview(st: &AppState) -> ReleasesOverview {
         .collect();
     ReleasesOverview {
         uploads_enabled: st.releases.has_key(),
-        releases: st.releases.list().iter().map(|m| m.view()).collect(),
+        releases: st.releases.list(),
         rollout: rollout.map(|r| r.view()),
         appliances,
     }
@@ -703,8 +703,8 @@ async fn upload_release(
         .await
         .map_err(|e| ApiErr::internal("release upload task failed", &e))?;
     match r {
-        Ok(Stored::New(m)) => Ok((StatusCode::CREATED, Json(m.view()))),
-        Ok(Stored::Same(m)) => Ok((StatusCode::OK, Json(m.view()))),
+        Ok(Stored::New(m)) => Ok((StatusCode::CREATED, Json(m))),
+        Ok(Stored::Same(m)) => Ok((StatusCode::OK, Json(m))),
         Err(e) => {
             tracing::warn!(by = %c.0.user, error = %crate::chain(&e), "release upload refused");
             Err(e.into())

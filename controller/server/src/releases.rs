@@ -44,36 +44,9 @@ pub const MAX_BUNDLE_BYTES: u64 = 1 << 30;
 pub const KEY_SETTING: &str = "update_key";
 const TMP_PREFIX: &str = ".upload-";
 
-/// A stored release.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ReleaseMeta {
-    /// From the signed manifest.
-    pub release: u64,
-    /// From the signed manifest.
-    pub image_version: String,
-    /// The bundle file's size.
-    pub size: u64,
-    /// SHA-256 of the bundle file (hex).
-    pub sha256: String,
-    /// Who uploaded it.
-    pub uploaded_by: String,
-    /// Unix seconds.
-    pub uploaded_at: u64,
-}
-
-impl ReleaseMeta {
-    /// The API view.
-    pub fn view(&self) -> ReleaseView {
-        ReleaseView {
-            release: self.release,
-            image_version: self.image_version.clone(),
-            size: self.size,
-            sha256: self.sha256.clone(),
-            uploaded_by: self.uploaded_by.clone(),
-            uploaded_at: self.uploaded_at,
-        }
-    }
-}
+/// A stored release: what the API shows of it is all there is to it (the
+/// record in the store and the view are one type).
+pub type ReleaseMeta = ReleaseView;
 
 /// The rollout in force.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
